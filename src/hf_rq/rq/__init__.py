@@ -1,0 +1,3 @@
+"""RQ family: RQ-VAE tokenizer, RQ-Transformer prior, pipeline and checkpoint conversion."""
+
+from .tokenizer import RQVAEModel

@@ -10,4 +10,6 @@ __version__ = "0.1.0.dev0"
 from .image_processing import make_image_grid, postprocess_images, preprocess_images
 from .outputs import QuantizerOutput, TokenizerDecoderOutput, TokenizerEncoderOutput, TokenizerOutput
 from .quantizers import EMACodebook, ResidualQuantizer
-from .rq import RQVAEModel
+from .rq import *  # noqa: F401,F403
+from .dq import *  # noqa: F401,F403
+from .ctf import *  # noqa: F401,F403

@@ -97,7 +97,7 @@ class EMACodebook(nn.Module):
         """Codeword lookup `(...,) -> (..., C)`."""
         return F.embedding(codes, self.weight)
 
-    def forward(self, vectors: torch.Tensor, weight_mask: torch.Tensor | None = None):
+    def forward(self, vectors: torch.Tensor):
         """Quantize `vectors` `(..., C)`; returns ``(codewords, codes)``.
 
         In training mode the EMA statistics and the table are updated *after* the lookup, so the

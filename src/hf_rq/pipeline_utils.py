@@ -1,0 +1,83 @@
+"""Helpers shared by the generation pipelines of every family."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def normalize_id2label(id2label: Mapping | None) -> dict[int, str] | None:
+    """JSON turns integer keys into strings; give them back as ints."""
+    if not id2label:
+        return None
+    return {int(k): str(v) for k, v in id2label.items()}
+
+
+def resolve_class_labels(
+    class_labels,
+    num_classes: int,
+    id2label: Mapping | None = None,
+    num_images_per_prompt: int = 1,
+    device=None,
+) -> torch.LongTensor | None:
+    """Turn class ids and/or names into a `(batch * num_images_per_prompt,)` tensor of ids.
+
+    Args:
+        class_labels: ``None`` (unconditional), an id, a name, or a list/tensor of them. Names are looked
+            up in ``id2label`` (exact match first, then case-insensitive).
+        num_classes: number of real classes of the model (0 for an unconditional model).
+        id2label: id -> name mapping of the model (keys may be strings, as read from JSON).
+        num_images_per_prompt: how many images each label gets (repeated in place: ``[a, a, b, b]``).
+
+    Raises ``ValueError`` naming the label when an id is out of range or a name is unknown, when labels are
+    given to an unconditional model, or when a class-conditional model gets none.
+    """
+    if not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool) or num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+    if class_labels is None:
+        if num_classes > 0:
+            raise ValueError(f"this model is class-conditional ({num_classes} classes): pass class_labels (ids or names)")
+        return None
+    if num_classes == 0:
+        raise ValueError("this model is unconditional: it takes no class_labels")
+    if isinstance(class_labels, torch.Tensor):
+        if class_labels.is_floating_point():
+            raise TypeError(f"class_labels must be integer ids, got dtype {class_labels.dtype}")
+        class_labels = class_labels.reshape(-1).tolist()
+    elif isinstance(class_labels, (int, str)):
+        class_labels = [class_labels]
+    elif not isinstance(class_labels, Sequence):
+        raise TypeError(f"class_labels must be an id, a name or a list of them, got {type(class_labels).__name__}")
+    if len(class_labels) == 0:
+        raise ValueError("class_labels is empty")
+    names = normalize_id2label(id2label) or {}
+    by_name = {v: k for k, v in names.items()}
+    by_lower = {v.lower(): k for k, v in names.items()}
+    ids = []
+    for label in class_labels:
+        if isinstance(label, str):
+            if label in by_name:
+                ids.append(by_name[label])
+            elif label.lower() in by_lower:
+                ids.append(by_lower[label.lower()])
+            elif label.isdigit():
+                ids.append(int(label))
+            else:
+                known = ", ".join(sorted(by_name)[:12]) or "none (the model has no id2label)"
+                raise ValueError(f"unknown class name {label!r}; known names: {known}")
+        elif isinstance(label, bool) or not isinstance(label, int):
+            raise TypeError(f"class label {label!r} is neither an integer id nor a name")
+        else:
+            ids.append(label)
+        if not 0 <= ids[-1] < num_classes:
+            raise ValueError(f"class id {ids[-1]} is out of range [0, {num_classes})")
+    labels = torch.tensor(ids, dtype=torch.long, device=device)
+    return labels.repeat_interleave(num_images_per_prompt)
+
+
+def check_output_type(output_type: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")

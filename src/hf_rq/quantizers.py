@@ -4,6 +4,7 @@
   Laplace smoothing and restart of unused codes. RQ-VAE and DQ-VAE both use it.
 * :class:`ResidualQuantizer` - residual quantization (RQ-VAE, Lee et al. 2022): a stack of ``depth``
   codes per position, each quantizing what the previous ones left over.
+* :class:`VectorQuantizer` - one gradient-trained codebook, optionally l2-normalised (LlamaGen's VQ).
 
 Both follow the authors' numerics exactly (see ``reference/rq/ARCHITECTURE.md`` section 1.4), because
 the converters promise the same codes as the authors' code for the same weights.
@@ -252,3 +253,83 @@ class ResidualQuantizer(nn.Module):
             softs.append(soft)
             codes.append(code)
         return torch.stack(softs, dim=-2), torch.stack(codes, dim=-1)
+
+
+class VectorQuantizer(nn.Module):
+    """A single codebook trained by gradients (VQ-VAE / VQGAN), optionally on the unit sphere.
+
+    With ``l2_normalize=True`` (ViT-VQGAN's l2-normalised codes, as LlamaGen's tokenizer uses them) both the
+    input vectors and the codebook rows are l2-normalised before the nearest-neighbour search, so the
+    squared distance is ``2 - 2 cos``; the quantized vector is the *normalised* row. The stored rows need
+    not be unit-norm (a trained codebook's are not), so every lookup normalises them.
+
+    Unlike :class:`EMACodebook` the table is an ``nn.Parameter`` that learns from the codebook loss
+    ``mean((z_q - sg[z])^2)``; the encoder learns from the commitment loss ``mean((sg[z_q] - z)^2)`` and,
+    through the straight-through estimator, from the reconstruction. Both losses are returned unweighted.
+
+    Parameter: ``embedding.weight`` `(K, C)`.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, l2_normalize: bool = True):
+        super().__init__()
+        if num_embeddings < 1 or embedding_dim < 1:
+            raise ValueError(f"codebook needs positive sizes, got {num_embeddings} x {embedding_dim}")
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.l2_normalize = l2_normalize
+        self.embedding = nn.Embedding(num_embeddings, embedding_dim)
+        with torch.no_grad():  # the VQGAN init, on the sphere when the codes live there
+            self.embedding.weight.uniform_(-1.0 / num_embeddings, 1.0 / num_embeddings)
+            if l2_normalize:
+                self.embedding.weight.copy_(F.normalize(self.embedding.weight, p=2, dim=-1))
+
+    @property
+    def codewords(self) -> torch.Tensor:
+        """The `(K, C)` codebook as searched and looked up (l2-normalised rows when ``l2_normalize``)."""
+        weight = self.embedding.weight
+        return F.normalize(weight, p=2, dim=-1) if self.l2_normalize else weight
+
+    @torch.no_grad()
+    def distances(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Squared Euclidean distances `(..., K)` from `vectors` `(..., C)` (normalised first if enabled).
+
+        Computed in float32 as ``|x|^2 + |e|^2 - 2 x.e``, the authors' form and order of operations: a
+        bf16 search, or a different but equal formula, rounds differently and can flip near-tied codes.
+        """
+        flat = vectors.reshape(-1, self.embedding_dim).float()
+        if self.l2_normalize:
+            flat = F.normalize(flat, p=2, dim=-1)
+        codebook = self.codewords.float()
+        d = flat.pow(2).sum(dim=1, keepdim=True) + codebook.pow(2).sum(dim=1) - 2 * (flat @ codebook.t())
+        return d.reshape(*vectors.shape[:-1], self.num_embeddings)
+
+    @torch.no_grad()
+    def nearest(self, vectors: torch.Tensor) -> torch.LongTensor:
+        """Index of the nearest codeword (ties go to the lowest index)."""
+        return self.distances(vectors).argmin(dim=-1)
+
+    def embed(self, codes: torch.LongTensor) -> torch.Tensor:
+        """Codeword lookup `(...,) -> (..., C)` (normalised rows when ``l2_normalize``)."""
+        return F.embedding(codes, self.codewords)
+
+    def forward(self, vectors: torch.Tensor):
+        """Quantize `vectors` `(..., C)`.
+
+        Returns ``(quantized, codes, commitment_loss, codebook_loss)``: the straight-through quantized
+        vectors `(..., C)` (value = the chosen codeword, gradient = that of the normalised input), the codes
+        `(...)`, and the two unweighted scalar losses.
+        """
+        codes = self.nearest(vectors)  # normalises a float32 copy itself (once, as the authors do)
+        z = F.normalize(vectors, p=2, dim=-1) if self.l2_normalize else vectors
+        z_q = self.embed(codes).to(z.dtype)
+        codebook_loss = (z_q - z.detach()).pow(2).mean()
+        commitment_loss = (z_q.detach() - z).pow(2).mean()
+        quantized = z + (z_q - z).detach()
+        return quantized, codes, commitment_loss, codebook_loss
+
+    def usage_statistics(self, codes: torch.LongTensor) -> dict[str, float]:
+        """Share of codes used and perplexity of the code histogram of `codes`."""
+        counts = torch.bincount(codes.reshape(-1), minlength=self.num_embeddings).float()
+        probs = counts / counts.sum().clamp_min(1)
+        entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
+        return {"usage": (counts > 0).float().mean().item(), "perplexity": entropy.exp().item()}

@@ -1,3 +1,21 @@
 """CTF family: LlamaGen-style VQ tokenizer, LlamaGen GPT baseline, coarse-to-fine prior, pipelines, conversion."""
 
+from .tokenizer import LlamaGenVQModel
+
 __all__ = []
+__all__ += ["LlamaGenVQModel"]
+
+from .clustering import CoarseLabels, build_coarse_labels  # noqa: E402
+from .pipeline import CTFPipeline, CTFPipelineOutput, LlamaGenPipeline  # noqa: E402
+from .prior import (  # noqa: E402
+    CTFAuxiliaryModel,
+    CTFConfig,
+    CTFForImageGeneration,
+    LlamaGenConfig,
+    LlamaGenForImageGeneration,
+    LlamaGenModel,
+)
+
+__all__ += ["CoarseLabels", "build_coarse_labels", "CTFPipeline", "CTFPipelineOutput", "LlamaGenPipeline",
+            "CTFAuxiliaryModel", "CTFConfig", "CTFForImageGeneration", "LlamaGenConfig",
+            "LlamaGenForImageGeneration", "LlamaGenModel"]

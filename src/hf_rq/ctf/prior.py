@@ -457,7 +457,9 @@ class LlamaGenModel(LlamaGenPreTrainedModel):
         self.class_embedding = nn.Embedding(config.num_class_embeddings, config.hidden_size)
         self.embed_tokens = nn.Embedding(config.input_vocab_size, config.hidden_size)
         self.token_dropout = nn.Dropout(config.token_dropout)
-        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        # Plain Python so that building on the meta device (for checkpoint layout checks) works.
+        n = config.num_hidden_layers
+        rates = [config.drop_path_rate * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
         self.layers = nn.ModuleList(
             LlamaGenBlock(
                 config.hidden_size, config.num_attention_heads, config.intermediate_size, config.num_key_value_heads,

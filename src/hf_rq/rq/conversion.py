@@ -131,3 +131,200 @@ def register_commands(subparsers) -> None:
     p = subparsers.add_parser("rqvae", help="authors' RQ-VAE (stage 1) checkpoint -> RQVAEModel folder")
     add_common_arguments(p)
     p.set_defaults(func=_run_rqvae)
+    _register_rqtransformer(subparsers)
+
+
+# ------------------------------------------------------------------------------------------ RQ-Transformer
+# Defaults of the authors' RQTransformerConfig dataclass (filled by their ``augment_arch_defaults``); the
+# published yamls omit most of these keys.
+_RQT_DEFAULTS = dict(vocab_size_cond=0, block_size_cond=0, input_emb_vqvae=False, head_emb_vqvae=False,
+                     cumsum_depth_ctx=False, shared_cls_emb=False, embd_pdrop=0.0)
+_RQT_BLOCK_DEFAULTS = dict(mlp_bias=True, attn_bias=True, attn_pdrop=0.0, resid_pdrop=0.1, gelu="v1")
+# Keys of the authors' config that change nothing in the model function when the embeddings come from the
+# RQ-VAE (``shared_tok_emb`` only matters with a token table; the others are unused by their model).
+_RQT_IGNORED = {"type", "ema", "ar_hierarchy", "use_padding_emb", "scaled_head_emb_vqvae", "shared_tok_emb"}
+
+_RQT_RENAMES = {
+    "pos_emb_cond": "class_position_embedding",
+    "pos_emb_hw": "spatial_position_embedding",
+    "pos_emb_d": "depth_position_embedding",
+    "cond_emb.weight": "class_embedding.weight",
+    "input_mlp.weight": "spatial_input_proj.weight",
+    "input_mlp.bias": "spatial_input_proj.bias",
+    "head_mlp.weight": "depth_input_proj.weight",
+    "head_mlp.bias": "depth_input_proj.bias",
+    "classifier.layer_norm.weight": "final_layer_norm.weight",
+    "classifier.layer_norm.bias": "final_layer_norm.bias",
+    "classifier.linear.weight": "lm_head.weight",
+    "classifier.linear.bias": "lm_head.bias",
+}
+
+
+def _stack_block(arch: Mapping, name: str) -> dict:
+    stack = arch.get(name)
+    if not isinstance(stack, Mapping) or "n_layer" not in stack or "n_head" not in stack.get("block", {}):
+        raise CheckpointError(f"RQ-Transformer config needs '{name}.n_layer' and '{name}.block.n_head'")
+    block = dict(_RQT_BLOCK_DEFAULTS, **stack["block"])
+    if block.get("embed_dim", arch["embed_dim"]) != arch["embed_dim"]:
+        raise CheckpointError(f"{name}.block.embed_dim={block['embed_dim']} differs from embed_dim={arch['embed_dim']}")
+    if block["gelu"] != "v1":
+        raise CheckpointError(f"{name}.block.gelu={block['gelu']!r} is not supported (only the exact GELU 'v1')")
+    if not (block["mlp_bias"] and block["attn_bias"]):
+        raise CheckpointError(f"{name}.block without biases (mlp_bias/attn_bias false) is not supported")
+    return dict(n_layer=int(stack["n_layer"]), n_head=int(block["n_head"]), attn_pdrop=float(block["attn_pdrop"]),
+                resid_pdrop=float(block["resid_pdrop"]))
+
+
+def rqtransformer_config_from_official(arch: Mapping, vocab_size: int | None = None) -> dict:
+    """Translate the authors' stage-2 ``arch`` block to ``RQTransformerConfig`` kwargs (strict).
+
+    ``vocab_size`` is used when the block has none (the published yamls take it from ``dataset.vocab_size``).
+    Only the image models are supported: codeword inputs (``input_emb_vqvae``, ``head_emb_vqvae``,
+    ``cumsum_depth_ctx``), one shared classifier, and a single class/start token (not the CC-3M text prefix).
+    """
+    require_keys(arch, ["block_size", "embed_dim", "input_embed_dim"], "RQ-Transformer arch")
+    unknown = sorted(set(arch) - set(_RQT_DEFAULTS) - _RQT_IGNORED - {"block_size", "embed_dim", "input_embed_dim",
+                                                                       "vocab_size", "body", "head"})
+    if unknown:
+        raise CheckpointError(f"RQ-Transformer arch has keys the converter does not understand: {unknown}")
+    a = dict(_RQT_DEFAULTS, **arch)
+    for flag in ("input_emb_vqvae", "head_emb_vqvae", "cumsum_depth_ctx", "shared_cls_emb"):
+        if not a[flag]:
+            raise CheckpointError(f"arch.{flag}=false is not supported (every published image model sets it true)")
+    block_size = list(a["block_size"])
+    if len(block_size) != 3:
+        raise CheckpointError(f"arch.block_size must be [h, w, D], got {block_size}")
+    vocab = a.get("vocab_size", vocab_size)
+    if vocab is None:
+        raise CheckpointError("no vocab_size: it is neither in arch nor in dataset.vocab_size nor given")
+    if isinstance(vocab, (list, tuple)):
+        if len(set(vocab)) != 1:
+            raise CheckpointError(f"per-depth vocab sizes {vocab} differ; only one size is supported")
+        vocab = vocab[0]
+    if int(a["block_size_cond"]) > 1:
+        raise CheckpointError(f"block_size_cond={a['block_size_cond']} (a text prefix) is not supported; only class/unconditional models")
+    body, head = _stack_block(a, "body"), _stack_block(a, "head")
+    for key in ("attn_pdrop", "resid_pdrop"):
+        if body[key] != head[key]:
+            raise CheckpointError(f"body and head use different {key} ({body[key]} vs {head[key]}); only one value is supported")
+    num_classes = int(a["vocab_size_cond"]) if int(a["vocab_size_cond"]) > 1 else 0
+    return dict(
+        codebook_size=int(vocab),
+        grid_height=int(block_size[0]),
+        grid_width=int(block_size[1]),
+        code_depth=int(block_size[2]),
+        code_embed_dim=int(a["input_embed_dim"]),
+        hidden_size=int(a["embed_dim"]),
+        num_spatial_layers=body["n_layer"],
+        num_depth_layers=head["n_layer"],
+        num_attention_heads=body["n_head"],
+        num_depth_attention_heads=head["n_head"],
+        num_classes=num_classes,
+        embd_pdrop=float(a["embd_pdrop"]),
+        attn_pdrop=body["attn_pdrop"],
+        resid_pdrop=body["resid_pdrop"],
+    )
+
+
+def convert_rqtransformer_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename the authors' stage-2 keys to ``RQTransformerForImageGeneration`` keys (no codebook yet)."""
+    from ..transformer_blocks import convert_mingpt_block_keys
+
+    out, unknown = {}, []
+    for key, value in state_dict.items():
+        if key in _RQT_RENAMES:
+            out[_RQT_RENAMES[key]] = value
+        elif key.startswith("body_transformer.blocks."):
+            out[convert_mingpt_block_keys("spatial_transformer." + key[len("body_transformer."):])] = value
+        elif key.startswith("head_transformer.blocks."):
+            out[convert_mingpt_block_keys("depth_transformer." + key[len("head_transformer."):])] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(f"checkpoint has keys the RQ-Transformer converter does not understand: {sorted(unknown)[:8]}")
+    return out
+
+
+def convert_rqtransformer(state_dict: Mapping[str, torch.Tensor], arch: Mapping, tokenizer: RQVAEModel,
+                          sampling: Mapping | None = None, id2label: Mapping | None = None):
+    """Build an ``RQTransformerForImageGeneration`` from the authors' stage-2 state dict and ``arch`` block.
+
+    ``tokenizer`` is the matching ``RQVAEModel`` (converted with :func:`convert_rqvae`); its codebook is copied
+    into the prior. ``sampling`` (the config's ``experiment.sample`` / ``sampling`` block: ``temperature``,
+    ``top_k``, ``top_p``) becomes the saved generation defaults; ``id2label`` names the classes.
+    """
+    from transformers import GenerationConfig
+
+    from .prior import RQTransformerConfig, RQTransformerForImageGeneration
+
+    kwargs = rqtransformer_config_from_official(arch, vocab_size=tokenizer.config.codebook_size)
+    kwargs["shared_codebook"] = bool(tokenizer.config.shared_codebook)
+    if id2label:
+        id2label = {int(k): str(v) for k, v in id2label.items()}
+        if sorted(id2label) != list(range(kwargs["num_classes"])):
+            raise CheckpointError(f"id2label must name classes 0..{kwargs['num_classes'] - 1}, got {len(id2label)} entries")
+        kwargs["id2label"] = id2label
+    try:
+        config = RQTransformerConfig(**kwargs)
+    except Exception as exc:  # huggingface_hub's strict-dataclass errors are not ValueErrors
+        raise CheckpointError(f"the RQ-Transformer config is not valid: {exc}") from exc
+    model = RQTransformerForImageGeneration(config)
+    converted = convert_rqtransformer_state_dict(state_dict)
+    try:
+        model.load_codebook_from(tokenizer)
+    except ValueError as exc:
+        raise CheckpointError(f"the RQ-VAE does not match the RQ-Transformer config: {exc}") from exc
+    converted["code_embeddings"] = model.code_embeddings.clone()
+    check_state_dict(converted, model, "RQ-Transformer checkpoint")
+    model.load_state_dict(converted, strict=True)
+    generation = dict(do_sample=True, temperature=1.0)
+    for key in ("temperature", "top_k", "top_p"):
+        if sampling and sampling.get(key) is not None:
+            generation[key] = sampling[key]
+    model.generation_config = GenerationConfig(**generation)
+    return model.eval()
+
+
+def _run_rqtransformer(args) -> None:
+    from ..checkpoint_utils import load_config_file, load_state_dict
+
+    if args.rqvae is not None:
+        if args.rqvae_checkpoint or args.rqvae_config:
+            raise CheckpointError("give either --rqvae (a converted RQVAEModel folder) or --rqvae-checkpoint/--rqvae-config")
+        tokenizer = RQVAEModel.from_pretrained(args.rqvae)
+    elif args.rqvae_checkpoint and args.rqvae_config:
+        tokenizer = convert_rqvae(load_state_dict(args.rqvae_checkpoint, allow_pickle=args.allow_pickle),
+                                  load_config_file(args.rqvae_config, section="arch"))
+    else:
+        raise CheckpointError("the RQ-Transformer needs its RQ-VAE: pass --rqvae DIR, or --rqvae-checkpoint and --rqvae-config")
+    full = load_config_file(args.config)
+    arch = full.get("arch", full)
+    sampling = full.get("sampling") or (full.get("experiment") or {}).get("sample")
+    dataset_vocab = (full.get("dataset") or {}).get("vocab_size")
+    if dataset_vocab is not None and "vocab_size" not in arch:
+        arch = dict(arch, vocab_size=dataset_vocab)
+    id2label = load_config_file(args.id2label) if args.id2label else None
+    model = convert_rqtransformer(load_state_dict(args.checkpoint, allow_pickle=args.allow_pickle), arch, tokenizer,
+                                  sampling=sampling, id2label=id2label)
+    if args.pipeline:
+        from .pipeline import RQTransformerPipeline
+
+        RQTransformerPipeline(vqvae=tokenizer, transformer=model).save_pretrained(args.output)
+        print(f"wrote RQTransformerPipeline (vqvae + transformer) to {args.output}")
+    else:
+        model.save_pretrained(args.output)
+        print(f"wrote RQTransformerForImageGeneration to {args.output}")
+
+
+def _register_rqtransformer(subparsers) -> None:
+    from ..convert import add_common_arguments
+
+    p = subparsers.add_parser("rqtransformer", help="authors' RQ-Transformer (stage 2) checkpoint -> prior folder")
+    add_common_arguments(p)
+    p.add_argument("--rqvae", default=None, help="converted RQVAEModel folder (save_pretrained) of the matching RQ-VAE")
+    p.add_argument("--rqvae-checkpoint", default=None, help="authors' matching RQ-VAE checkpoint (for its codebook)")
+    p.add_argument("--rqvae-config", default=None, help="authors' matching RQ-VAE config (.yaml/.json)")
+    p.add_argument("--id2label", default=None, help="JSON file {class id: name} (optional)")
+    p.add_argument("--pipeline", action="store_true",
+                   help="write a full RQTransformerPipeline folder (vqvae/ + transformer/) instead of the prior alone")
+    p.set_defaults(func=_run_rqtransformer)

@@ -1,0 +1,103 @@
+"""Class-conditional (or unconditional) image generation with an RQ-Transformer and its RQ-VAE."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+
+from ..image_processing import postprocess_images
+from ..pipeline_utils import check_output_type
+from .prior import RQTransformerForImageGeneration
+from .tokenizer import RQVAEModel
+
+
+class RQTransformerPipeline(DiffusionPipeline):
+    r"""RQ-Transformer image generation: class label in, image out.
+
+    Components:
+        vqvae ([`RQVAEModel`]): the tokenizer; decodes the sampled codes `(N, h, w, D)` to images.
+        transformer ([`RQTransformerForImageGeneration`]): the prior; samples the codes. It carries a copy of
+            the tokenizer's codebook, which must equal ``vqvae``'s (checked at every call).
+
+    Example:
+        ```py
+        >>> from hf_rq import RQTransformerPipeline
+        >>> pipe = RQTransformerPipeline.from_pretrained("path/or/repo")
+        >>> image = pipe(class_labels="golden retriever", generator=torch.Generator().manual_seed(0)).images[0]
+        ```
+    """
+
+    model_cpu_offload_seq = "transformer->vqvae"
+
+    def __init__(self, vqvae: RQVAEModel, transformer: RQTransformerForImageGeneration):
+        super().__init__()
+        self.register_modules(vqvae=vqvae, transformer=transformer)
+
+    @property
+    def id2label(self) -> dict[int, str] | None:
+        """Class names of the prior (``transformer.config.id2label``), or None when it has none."""
+        c = self.transformer.config
+        if c.num_classes and c.id2label and len(c.id2label) == c.num_classes:
+            return {int(k): v for k, v in c.id2label.items()}
+        return None
+
+    def get_label_ids(self, label: str | list[str]) -> list[int]:
+        """Class names -> ids (as in ``DiTPipeline.get_label_ids``)."""
+        from ..pipeline_utils import resolve_class_labels
+
+        return resolve_class_labels(label, self.transformer.config.num_classes, self.id2label).tolist()
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | str | list[int | str] | torch.LongTensor | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | None = None,
+        temperature: float | list[float] | None = None,
+        top_k: int | list[int] | None = None,
+        top_p: float | list[float] | None = None,
+        guidance_scale: float | None = None,
+        do_sample: bool | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        r"""Sample images.
+
+        Args:
+            class_labels: class ids or names (``transformer.config.id2label``), one per image; None for an
+                unconditional model.
+            num_images_per_prompt (`int`): images per label (for an unconditional model: the number of images).
+            generator (`torch.Generator`, *optional*): the same generator state gives the same images.
+            temperature, top_k, top_p: sampling filters, each a number or a per-depth list (coarse to fine);
+                None keeps the prior's saved ``generation_config`` value.
+            guidance_scale (`float`, *optional*): classifier-free guidance scale; needs a prior with a null class.
+            do_sample (`bool`, *optional*): False picks the most likely code at every step.
+            output_type (`str`): ``"pil"``, ``"np"`` `(N, H, W, 3)` in [0, 1], ``"pt"`` `(N, 3, H, W)` in [0, 1], or
+                ``"latent"`` for the codes `(N, h, w, D)`.
+            return_dict (`bool`): return an ``ImagePipelineOutput`` rather than a tuple.
+        """
+        check_output_type(output_type)
+        self.transformer.check_codebook(self.vqvae)
+        c = self.transformer.config
+        if not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        batch_size = None
+        if class_labels is None:
+            batch_size = num_images_per_prompt
+        else:
+            from ..pipeline_utils import resolve_class_labels
+
+            class_labels = resolve_class_labels(class_labels, c.num_classes, self.id2label, num_images_per_prompt,
+                                                device=self._execution_device)
+        overrides = {k: v for k, v in dict(temperature=temperature, top_k=top_k, top_p=top_p,
+                                           guidance_scale=guidance_scale, do_sample=do_sample).items() if v is not None}
+        codes = self.transformer.generate(class_labels, batch_size=batch_size, generator=generator,
+                                          progress_bar=self.progress_bar, **overrides)
+        if output_type == "latent":
+            images = codes
+        else:
+            images = postprocess_images(self.vqvae.decode_codes(codes.to(self.vqvae.device)).sample, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)

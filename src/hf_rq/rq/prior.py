@@ -1,0 +1,682 @@
+"""RQ-Transformer: the autoregressive prior over residual codes of Lee et al. (CVPR 2022).
+
+An image is a code grid `(N, h, w, D)` from :class:`~hf_rq.RQVAEModel`. The prior factorises it in raster
+order over the ``T = h * w`` positions and, inside a position, coarse to fine over the ``D`` depths:
+
+* the **spatial transformer** reads one vector per position (the sum of the position's ``D`` code
+  embeddings) after a class (or start) token and produces the context ``h_t`` of every position;
+* the **depth transformer** runs one short sequence of length ``D`` per position, starting from ``h_t``
+  and continuing with the partial sums of the codes already chosen at lower depths, and predicts the
+  ``D`` codes of that position.
+
+The numerics follow the authors' code (ARCHITECTURE.md sections 2-3 describe it in words). Its quirks are
+kept on purpose, because released checkpoints were trained with them; they are pointed out in comments.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, AutoModel, DynamicCache, GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from ..pipeline_utils import resolve_class_labels
+from ..sampling import top_k_logits, validate_sampling_args
+from ..transformer_blocks import GPTStack
+
+
+@strict
+class RQTransformerConfig(PreTrainedConfig):
+    r"""Configuration of :class:`RQTransformerForImageGeneration`.
+
+    Args:
+        codebook_size (`int`): number of codes ``K`` of the tokenizer (one size for all depths).
+        grid_height / grid_width (`int`): code grid ``h x w`` (8 x 8 for the published 256x256 models).
+        code_depth (`int`): codes per position ``D``.
+        code_embed_dim (`int`): width ``C`` of the tokenizer's codewords (``embed_dim`` of the RQ-VAE).
+        shared_codebook (`bool`): whether the tokenizer uses one codebook for every depth.
+        hidden_size (`int`): transformer width ``E``.
+        num_spatial_layers / num_depth_layers (`int`): depth of the spatial and of the depth transformer.
+        num_attention_heads (`int`): heads of the spatial transformer.
+        num_depth_attention_heads (`int`, *optional*): heads of the depth transformer (default: same).
+        num_classes (`int`): number of classes; 0 makes the model unconditional (a learned start token).
+        use_null_class (`bool`): add a learned "null class" row to the class embedding (id ``num_classes``),
+            which classifier-free guidance needs. Not part of the authors' models.
+        class_dropout_prob (`float`): in training, the probability of replacing a label by the null class
+            (requires ``use_null_class``).
+        embd_pdrop / attn_pdrop / resid_pdrop (`float`): dropout on the spatial input sequence, on attention
+            weights and on residual branches (the authors: 0.0 / 0.0 / 0.1).
+        layer_norm_eps (`float`), initializer_range (`float`): as in other transformers models.
+    """
+
+    model_type = "hf_rq_rqtransformer"
+
+    codebook_size: int = 16384
+    grid_height: int = 8
+    grid_width: int = 8
+    code_depth: int = 4
+    code_embed_dim: int = 256
+    shared_codebook: bool = True
+    hidden_size: int = 1024
+    num_spatial_layers: int = 24
+    num_depth_layers: int = 4
+    num_attention_heads: int = 16
+    num_depth_attention_heads: int | None = None
+    num_classes: int = 0
+    use_null_class: bool = False
+    class_dropout_prob: float = 0.0
+    embd_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
+    resid_pdrop: float = 0.1
+    layer_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        if self.num_depth_attention_heads is None:
+            self.num_depth_attention_heads = self.num_attention_heads
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Run by ``@strict``: reject configs the model cannot be built from, naming the key."""
+        positive = ("codebook_size", "grid_height", "grid_width", "code_depth", "code_embed_dim", "hidden_size",
+                    "num_spatial_layers", "num_depth_layers", "num_attention_heads", "num_depth_attention_heads")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ValueError(f"RQTransformerConfig.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("num_attention_heads", "num_depth_attention_heads"):
+            if self.hidden_size % getattr(self, key):
+                raise ValueError(f"hidden_size {self.hidden_size} is not divisible by {key}={getattr(self, key)}")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0 = unconditional), got {self.num_classes}")
+        if self.use_null_class and self.num_classes == 0:
+            raise ValueError("use_null_class needs a class-conditional model (num_classes > 0)")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+        if self.class_dropout_prob > 0 and not self.use_null_class:
+            raise ValueError("class_dropout_prob > 0 needs use_null_class=True (dropped labels become the null class)")
+
+    @property
+    def num_positions(self) -> int:
+        return self.grid_height * self.grid_width
+
+    @property
+    def null_class_id(self) -> int | None:
+        return self.num_classes if self.use_null_class else None
+
+
+@dataclass
+class RQTransformerOutput(ModelOutput):
+    """Output of :meth:`RQTransformerForImageGeneration.forward`.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*): cross-entropy averaged over all ``N*h*w*D``
+            tokens (hard or soft targets), when targets were given.
+        logits (`torch.FloatTensor` of shape `(N, h, w, D, K)`): ``logits[:, i, j, d]`` predicts
+            ``codes[:, i, j, d]``.
+        loss_per_depth (`torch.FloatTensor` of shape `(D,)`, *optional*): the same loss per depth (logging).
+        spatial_inputs (`(N, T, E)`), spatial_hidden_states (`(N, T, E)`), depth_inputs (`(N, T, D, E)`),
+        depth_hidden_states (`(N, T, D, E)`), *optional*: inputs and outputs of the two transformers, with
+            ``output_hidden_states=True``. Row ``t`` of ``spatial_hidden_states`` is the context of position ``t``.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    loss_per_depth: torch.FloatTensor | None = None
+    spatial_inputs: torch.FloatTensor | None = None
+    spatial_hidden_states: torch.FloatTensor | None = None
+    depth_inputs: torch.FloatTensor | None = None
+    depth_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class RQTransformerGenerateOutput(ModelOutput):
+    """Output of :meth:`RQTransformerForImageGeneration.generate` with ``return_dict_in_generate=True``.
+
+    Args:
+        codes (`torch.LongTensor` of shape `(N, h, w, D)`): the generated codes.
+        logits (`torch.FloatTensor` of shape `(N, h, w, D, K)`, *optional*): with ``output_logits=True``, the
+            logits each code was drawn from (after classifier-free guidance, before temperature/top-k/top-p).
+    """
+
+    codes: torch.LongTensor | None = None
+    logits: torch.FloatTensor | None = None
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token ``-sum_k q_k log softmax(logits)_k``; `(..., K), (..., K) -> (...)`.
+
+    The authors compute the log-softmax as ``x - max - log(sum(exp(x - max)) + 1e-7)``; ``torch.log_softmax``
+    omits the ``1e-7``, which changes each token's loss by less than ``1e-7`` (the sum is >= 1), i.e. far
+    below float32 training noise. We use the exact log-softmax.
+    """
+    return -(targets * torch.log_softmax(logits.float(), dim=-1)).sum(dim=-1)
+
+
+class RQTransformerPreTrainedModel(PreTrainedModel):
+    config: RQTransformerConfig
+    config_class = RQTransformerConfig
+    base_model_prefix = "rq_transformer"
+    main_input_name = "codes"
+    _no_split_modules = ["GPTBlock"]
+    supports_gradient_checkpointing = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)  # Linear / Embedding N(0, initializer_range), zero bias, LayerNorm 1 / 0
+        if isinstance(module, RQTransformerForImageGeneration):
+            # Custom parameters and buffers must be set here: transformers 5 builds models on the meta
+            # device, so anything left to __init__ would be uninitialised memory after from_pretrained.
+            for param in (module.class_position_embedding, module.spatial_position_embedding,
+                          module.depth_position_embedding):
+                init.normal_(param, mean=0.0, std=0.02)  # the authors' N(0, 0.02) for positional embeddings
+            # An unfilled codebook is all zeros; generate() refuses to run on it (see load_codebook_from).
+            init.zeros_(module.code_embeddings)
+
+
+class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMixin):
+    r"""RQ-Transformer prior: class label (or nothing) -> residual codes `(N, h, w, D)`.
+
+    **Why the prior owns a copy of the tokenizer's codebook.** The authors' transformer has no token
+    embedding table: it reads the *frozen* RQ-VAE codewords of the codes it conditions on, through a
+    learned ``Linear(C, E)`` for each stream. Its weights are therefore meaningless without the exact
+    codebook of the tokenizer it was trained with. We store that codebook, `(K + 1, C)` including the
+    tokenizer's padding row (`(D, K + 1, C)` for per-depth codebooks), as a persistent, gradient-free
+    buffer ``code_embeddings``, so that the prior is a complete ``from_pretrained`` unit (training,
+    ``forward`` and ``generate`` never need the tokenizer) and a mismatched tokenizer is detected
+    (:meth:`check_codebook`, called by the pipeline) instead of silently producing garbage. Fill it with
+    :meth:`load_codebook_from` or build the model with :meth:`from_tokenizer`; the converter does it.
+
+    Quirks of the authors' model reproduced here (released weights depend on them):
+
+    * the spatial input of a position is ``sum_d spatial_input_proj(e(code_d))``: the Linear is applied per
+      depth and then summed, so its bias counts ``D`` times;
+    * depth slot ``k > 0`` reads ``depth_input_proj(sum_{d<k} e(code_d))``: summed first, bias once; slot 0
+      is the spatial context plus the depth position embedding only;
+    * the spatial stream is ``[class token, x_0 + pos_0, ..., x_{T-2} + pos_{T-2}]``; position ``t``'s context
+      is output ``t``. An unconditional model uses a one-row class embedding as its start token.
+    """
+
+    def __init__(self, config: RQTransformerConfig):
+        super().__init__(config)
+        E, C, K, D, T = (config.hidden_size, config.code_embed_dim, config.codebook_size, config.code_depth,
+                         config.num_positions)
+        num_class_rows = max(config.num_classes, 1) + int(config.use_null_class)
+        self.class_embedding = nn.Embedding(num_class_rows, E)
+        self.class_position_embedding = nn.Parameter(torch.zeros(1, 1, E))
+        self.spatial_position_embedding = nn.Parameter(torch.zeros(1, T, E))
+        self.depth_position_embedding = nn.Parameter(torch.zeros(1, D, E))
+        self.spatial_input_proj = nn.Linear(C, E)
+        self.depth_input_proj = nn.Linear(C, E)
+        self.embed_dropout = nn.Dropout(config.embd_pdrop)
+        self.spatial_transformer = GPTStack(config.num_spatial_layers, E, config.num_attention_heads,
+                                            config.attn_pdrop, config.resid_pdrop, config.layer_norm_eps)
+        self.depth_transformer = GPTStack(config.num_depth_layers, E, config.num_depth_attention_heads,
+                                          config.attn_pdrop, config.resid_pdrop, config.layer_norm_eps)
+        self.final_layer_norm = nn.LayerNorm(E, eps=config.layer_norm_eps)
+        self.lm_head = nn.Linear(E, K)
+        book_shape = (K + 1, C) if config.shared_codebook else (D, K + 1, C)
+        self.register_buffer("code_embeddings", torch.zeros(book_shape), persistent=True)
+        self.post_init()
+        self.generation_config = GenerationConfig(do_sample=True, temperature=1.0)
+
+    # ------------------------------------------------------------------------------ codebook
+    @classmethod
+    def from_tokenizer(cls, config: RQTransformerConfig, tokenizer) -> "RQTransformerForImageGeneration":
+        """A freshly initialised prior whose codebook is copied from ``tokenizer`` (an ``RQVAEModel``)."""
+        model = cls(config)
+        model.load_codebook_from(tokenizer)
+        return model
+
+    def _tokenizer_codebook(self, tokenizer) -> torch.Tensor:
+        tc, c = tokenizer.config, self.config
+        expected = dict(codebook_size=c.codebook_size, embed_dim=c.code_embed_dim, code_depth=c.code_depth,
+                        shared_codebook=c.shared_codebook)
+        found = dict(codebook_size=tc.codebook_size, embed_dim=tc.embed_dim, code_depth=tc.code_depth,
+                     shared_codebook=tc.shared_codebook)
+        if found != expected:
+            diff = {k: (found[k], expected[k]) for k in expected if found[k] != expected[k]}
+            raise ValueError(f"tokenizer does not fit this prior: (tokenizer, prior) values differ for {diff}")
+        books = tokenizer.quantizer.codebooks
+        return books[0].weight if c.shared_codebook else torch.stack([b.weight for b in books])
+
+    @torch.no_grad()
+    def load_codebook_from(self, tokenizer) -> None:
+        """Copy the codebook `(K + 1, C)` of an ``RQVAEModel`` into ``code_embeddings``."""
+        self.code_embeddings.copy_(self._tokenizer_codebook(tokenizer).to(self.code_embeddings))
+
+    @torch.no_grad()
+    def check_codebook(self, tokenizer, atol: float = 0.0) -> None:
+        """Raise ``ValueError`` unless ``tokenizer``'s codebook equals the prior's copy (within ``atol``)."""
+        theirs = self._tokenizer_codebook(tokenizer).to(self.code_embeddings.device, torch.float32)
+        ours = self.code_embeddings.float()
+        diff = (theirs - ours).abs().max().item()
+        if diff > atol:
+            raise ValueError(
+                "the tokenizer's codebook differs from the copy stored in the prior (max |diff| = "
+                f"{diff:.3g}): the prior was trained/converted with another RQ-VAE. Use the matching pair, or "
+                "call transformer.load_codebook_from(vqvae) if the prior is meant to be trained on this tokenizer"
+            )
+
+    def embed_codes(self, codes: torch.LongTensor) -> torch.Tensor:
+        """Per-depth codewords of `codes` `(..., D)` -> `(..., D, C)` (not summed)."""
+        if self.config.shared_codebook:
+            return F.embedding(codes, self.code_embeddings)
+        return torch.stack([F.embedding(codes[..., d], self.code_embeddings[d]) for d in range(codes.shape[-1])], -2)
+
+    def _embed_depth(self, code: torch.LongTensor, d: int) -> torch.Tensor:
+        table = self.code_embeddings if self.config.shared_codebook else self.code_embeddings[d]
+        return F.embedding(code, table)
+
+    # ------------------------------------------------------------------------------ checks
+    def _check_codes(self, codes, name: str = "codes") -> None:
+        c = self.config
+        if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor, got {getattr(codes, 'dtype', type(codes).__name__)}")
+        shape = (c.grid_height, c.grid_width, c.code_depth)
+        if codes.ndim != 4 or tuple(codes.shape[1:]) != shape:
+            raise ValueError(f"{name} must have shape (N, {', '.join(map(str, shape))}), got {tuple(codes.shape)}")
+        if codes.numel() and (codes.min() < 0 or codes.max() >= c.codebook_size):
+            raise ValueError(f"{name} must lie in [0, {c.codebook_size}), got range [{codes.min()}, {codes.max()}]")
+
+    def _class_rows(self, class_labels, batch: int, device, allow_null: bool = True) -> torch.LongTensor:
+        """Validated class-embedding rows `(batch,)` for ``forward`` (ids only; the null id when allowed)."""
+        c = self.config
+        if class_labels is None:
+            if c.num_classes > 0:
+                raise ValueError(f"this model is class-conditional ({c.num_classes} classes): pass class_labels")
+            return torch.zeros(batch, dtype=torch.long, device=device)
+        if c.num_classes == 0:
+            raise ValueError("this model is unconditional: it takes no class_labels")
+        labels = torch.as_tensor(class_labels, device=device)
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise TypeError(f"class_labels must be integer ids, got dtype {labels.dtype}")
+        labels = labels.reshape(-1).long()
+        if labels.numel() != batch:
+            raise ValueError(f"got {labels.numel()} class labels for a batch of {batch} code grids")
+        top = c.num_classes + int(allow_null and c.use_null_class)
+        if labels.numel() and (labels.min() < 0 or labels.max() >= top):
+            raise ValueError(f"class ids must lie in [0, {top}), got range [{labels.min()}, {labels.max()}]")
+        return labels
+
+    # ------------------------------------------------------------------------------ forward
+    def forward(
+        self,
+        codes: torch.LongTensor,
+        class_labels: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        soft_labels: torch.FloatTensor | None = None,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+        **kwargs,
+    ):
+        r"""Teacher-forced logits for every code, and the training loss when targets are given.
+
+        Args:
+            codes (`torch.LongTensor` of shape `(N, h, w, D)`): input codes (stage-2 training feeds the
+                tokenizer's codes, or its stochastically sampled codes).
+            class_labels (`torch.LongTensor` of shape `(N,)`, *optional*): class ids (``num_classes`` is the
+                null class when the model has one); must be None for an unconditional model. In training
+                mode, ``class_dropout_prob`` replaces labels by the null class at random.
+            labels (`torch.LongTensor` of shape `(N, h, w, D)`, *optional*): hard targets (usually ``codes``):
+                cross-entropy averaged over all tokens.
+            soft_labels (`torch.FloatTensor` of shape `(N, h, w, D, K)`, *optional*): soft targets (the
+                paper's soft labeling, ``RQVAEModel.get_soft_codes``): soft-target cross-entropy.
+            output_hidden_states (`bool`): also return the inputs / outputs of both transformers.
+
+        Returns:
+            :class:`RQTransformerOutput` (or a tuple ``(loss, logits, loss_per_depth)`` without ``None``s).
+        """
+        if kwargs:
+            raise TypeError(f"forward() got unexpected arguments: {sorted(kwargs)}")
+        self._check_codes(codes)
+        if labels is not None and soft_labels is not None:
+            raise ValueError("pass either labels (hard targets) or soft_labels (soft targets), not both")
+        c = self.config
+        N, H, W, D = codes.shape
+        T = H * W
+        rows = self._class_rows(class_labels, N, codes.device)
+        if self.training and c.class_dropout_prob > 0:
+            drop = torch.rand(N, device=codes.device) < c.class_dropout_prob
+            rows = torch.where(drop, torch.full_like(rows, c.null_class_id), rows)
+
+        codewords = self.embed_codes(codes.reshape(N, T, D))  # (N, T, D, C)
+        # Spatial stream: Linear per depth, then the sum over depths (the bias counts D times, as the authors').
+        x = self.spatial_input_proj(codewords).sum(dim=-2) + self.spatial_position_embedding[:, :T]
+        start = self.class_embedding(rows)[:, None] + self.class_position_embedding
+        spatial_inputs = self.embed_dropout(torch.cat([start, x[:, :-1]], dim=1))  # (N, T, E)
+        context = self.spatial_transformer(spatial_inputs)  # row t = context of position t
+
+        # Depth stream: slot 0 = context, slot k = proj(sum of the codewords of depths < k) (bias once).
+        partial = self.depth_input_proj(codewords[:, :, :-1].cumsum(dim=-2))  # (N, T, D-1, E)
+        depth_inputs = torch.cat([context[:, :, None], partial], dim=2) + self.depth_position_embedding
+        depth_out = self.depth_transformer(depth_inputs.reshape(N * T, D, -1)).reshape(N, T, D, -1)
+        logits = self.lm_head(self.final_layer_norm(depth_out)).reshape(N, H, W, D, -1)
+
+        loss = loss_per_depth = None
+        if labels is not None:
+            self._check_codes(labels, "labels")
+            token_loss = F.cross_entropy(logits.reshape(-1, c.codebook_size).float(), labels.reshape(-1), reduction="none")
+        elif soft_labels is not None:
+            if tuple(soft_labels.shape) != tuple(logits.shape):
+                raise ValueError(f"soft_labels must have shape {tuple(logits.shape)} (N, h, w, D, K), got {tuple(soft_labels.shape)}")
+            token_loss = soft_target_cross_entropy(logits, soft_labels).reshape(-1)
+        if labels is not None or soft_labels is not None:
+            loss = token_loss.mean()
+            with torch.no_grad():
+                loss_per_depth = token_loss.detach().reshape(-1, D).mean(dim=0)
+
+        hidden = (spatial_inputs, context, depth_inputs, depth_out) if output_hidden_states else (None,) * 4
+        out = RQTransformerOutput(loss, logits, loss_per_depth, *hidden)
+        return out if return_dict else out.to_tuple()
+
+    # ------------------------------------------------------------------------------ generate
+    def _prepare_generation(self, class_labels, batch_size, guidance_scale):
+        """Class rows `(B,)` for the decoding batch (conditional rows, then null rows under guidance)."""
+        c = self.config
+        device = self.code_embeddings.device
+        id2label = c.id2label if c.id2label and len(c.id2label) == c.num_classes else None
+        labels = resolve_class_labels(class_labels, c.num_classes, id2label, device=device)
+        if labels is None:
+            n = 1 if batch_size is None else batch_size
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+            labels = torch.zeros(n, dtype=torch.long, device=device)
+        elif batch_size is not None and batch_size != labels.numel():
+            raise ValueError(f"batch_size={batch_size} disagrees with the {labels.numel()} class labels given")
+        use_cfg = guidance_scale is not None and guidance_scale != 1.0
+        if use_cfg:
+            if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+                raise ValueError(f"guidance_scale must be a number, got {guidance_scale!r}")
+            if c.num_classes == 0:
+                raise ValueError("classifier-free guidance needs a class-conditional model; this one is unconditional")
+            if not c.use_null_class:
+                raise ValueError(
+                    f"guidance_scale={guidance_scale} needs a model trained with a null class (config.use_null_class); "
+                    "this model has none (the authors' models do not): leave guidance_scale at None or 1.0"
+                )
+            labels = torch.cat([labels, torch.full_like(labels, c.null_class_id)])
+        return labels, use_cfg
+
+    @torch.no_grad()
+    def generate(
+        self,
+        class_labels=None,
+        batch_size: int | None = None,
+        generation_config: GenerationConfig | None = None,
+        generator: torch.Generator | None = None,
+        progress_bar: Callable | None = None,
+        prefix_codes: torch.LongTensor | None = None,
+        **kwargs,
+    ):
+        r"""Sample code grids `(N, h, w, D)`: raster order over positions, coarse to fine inside a position.
+
+        The spatial transformer runs once per position on one new token, with a ``DynamicCache`` of keys and
+        values (the prefix is never re-embedded nor re-run); the depth transformer runs one token per depth
+        with a short cache that lives for one position.
+
+        Args:
+            class_labels: ids or names (``config.id2label``), one per image; None for an unconditional model.
+            batch_size (`int`, *optional*): number of images of an unconditional model (default 1).
+            generation_config (`GenerationConfig`, *optional*): defaults to ``self.generation_config``; keyword
+                arguments override it: ``do_sample`` (False = arg-max; unset = sample), ``temperature``, ``top_k``, ``top_p``
+                (each a number or a per-depth list; the authors' order: temperature, top-k on logits, softmax,
+                top-p), ``guidance_scale`` (classifier-free guidance ``u + s * (c - u)``; needs
+                ``config.use_null_class``), ``use_cache`` (False re-runs both transformers on the whole prefix
+                at every step; for testing and benchmarks), ``output_logits`` and ``return_dict_in_generate``.
+            generator (`torch.Generator`, *optional*): source of randomness for the draws.
+            progress_bar (`Callable`, *optional*): wraps the iterable over spatial positions (pipelines pass
+                ``self.progress_bar``).
+            prefix_codes (`torch.LongTensor` of shape `(N, P, D)` in raster order, or `(N, h, w, D)`, *optional*):
+                codes of the first ``P`` positions to keep (teacher-forced through the same cached path);
+                sampling continues after them (the authors' ``partial_sample`` / ``start_loc``).
+
+        Returns:
+            `torch.LongTensor` `(N, h, w, D)`, or :class:`RQTransformerGenerateOutput` with
+            ``return_dict_in_generate=True``.
+        """
+        gc = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        unused = gc.update(**kwargs)
+        if unused:
+            raise TypeError(f"generate() got unexpected keyword arguments: {sorted(unused)}")
+        c = self.config
+        D, T, K = c.code_depth, c.num_positions, c.codebook_size
+        # An image prior samples unless told otherwise (the authors always sample); a GenerationConfig
+        # that leaves do_sample unset (transformers 5 default None) must not silently mean greedy.
+        do_sample = True if gc.do_sample is None else bool(gc.do_sample)
+        temperature = 1.0 if gc.temperature is None else gc.temperature
+        temperatures, top_ks, top_ps = validate_sampling_args(temperature, gc.top_k, gc.top_p, D)
+        if not self.code_embeddings.any():
+            raise ValueError("the prior's codebook copy is empty: fill it with load_codebook_from(vqvae) first")
+        rows, use_cfg = self._prepare_generation(class_labels, batch_size, gc.guidance_scale)
+        N = rows.numel() // (2 if use_cfg else 1)
+        device = rows.device
+
+        codes = torch.zeros(N, T, D, dtype=torch.long, device=device)
+        num_prefix = 0
+        if prefix_codes is not None:
+            if prefix_codes.ndim == 4:
+                prefix_codes = prefix_codes.reshape(prefix_codes.shape[0], -1, prefix_codes.shape[-1])
+            if (prefix_codes.ndim != 3 or prefix_codes.shape[0] != N or prefix_codes.shape[-1] != D
+                    or prefix_codes.shape[1] > T):
+                raise ValueError(f"prefix_codes must have shape ({N}, P <= {T}, {D}) or ({N}, {c.grid_height}, "
+                                 f"{c.grid_width}, {D}), got {tuple(prefix_codes.shape)}")
+            if prefix_codes.is_floating_point() or (prefix_codes.numel() and (prefix_codes.min() < 0 or prefix_codes.max() >= K)):
+                raise ValueError(f"prefix_codes must be integer codes in [0, {K})")
+            num_prefix = prefix_codes.shape[1]
+            codes[:, :num_prefix] = prefix_codes.to(device)
+        logits_out = (torch.empty(N, T, D, K, device=device, dtype=torch.float32)
+                      if gc.output_logits else None)
+
+        filters = [(temperatures[d], top_ks[d], top_ps[d]) for d in range(D)]
+        step = self._decode_cached if gc.use_cache is not False else self._decode_uncached
+        step(rows, codes, num_prefix, logits_out, filters, do_sample, gc.guidance_scale if use_cfg else None,
+             generator, progress_bar)
+
+        codes = codes.reshape(N, c.grid_height, c.grid_width, D)
+        if not gc.return_dict_in_generate:
+            return codes
+        if logits_out is not None:
+            logits_out = logits_out.reshape(N, c.grid_height, c.grid_width, D, K)
+        return RQTransformerGenerateOutput(codes=codes, logits=logits_out)
+
+    def _choose(self, logits, codes, logits_out, t, d, num_prefix, filters, do_sample, guidance_scale, generator):
+        """Guidance, filtering and the draw for position ``t``, depth ``d``; returns the code `(N,)`."""
+        if guidance_scale is not None:
+            cond, uncond = logits.float().chunk(2)
+            logits = uncond + guidance_scale * (cond - uncond)
+        if logits_out is not None:
+            logits_out[:, t, d] = logits
+        if t < num_prefix:
+            return codes[:, t, d]
+        code = draw_rq_code(logits, *filters[d], generator=generator, do_sample=do_sample)
+        codes[:, t, d] = code
+        return code
+
+    def _decode_cached(self, rows, codes, num_prefix, logits_out, filters, do_sample, guidance_scale, generator,
+                       progress_bar):
+        if _EXPERIMENT.get("lean"):
+            return self._decode_lean(rows, codes, num_prefix, logits_out, filters, do_sample, guidance_scale,
+                                     generator, progress_bar)
+        N, T, D = codes.shape
+        dup = 2 if guidance_scale is not None else 1
+        # Hoisted out of the loop: per-step slicing of parameters costs Python time on every one of T*D steps.
+        spatial_pos = self.spatial_position_embedding[0, :, None]  # (T, 1, E)
+        depth_pos = self.depth_position_embedding[0, :, None]  # (D, 1, E)
+        proj_in, proj_depth = self.spatial_input_proj, self.depth_input_proj
+        head_norm, head = self.final_layer_norm, self.lm_head
+        depth_stack, spatial_stack = self.depth_transformer, self.spatial_transformer
+
+        cache = DynamicCache()
+        x = (self.class_embedding(rows) + self.class_position_embedding[0])[:, None]  # (B, 1, E)
+        positions = range(T) if progress_bar is None else progress_bar(range(T))
+        for t in positions:
+            context = spatial_stack(x, past_key_values=cache)  # (B, 1, E): only the new token runs
+            need_depth = t >= num_prefix or logits_out is not None
+            codewords = []
+            if need_depth:
+                depth_cache = DynamicCache()
+                y = context + depth_pos[0]
+                running = None
+                for d in range(D):
+                    out = depth_stack(y, past_key_values=depth_cache)
+                    logits = head(head_norm(out[:, 0]))
+                    code = self._choose(logits, codes, logits_out, t, d, num_prefix, filters, do_sample,
+                                        guidance_scale, generator)
+                    e = self._embed_depth(code, d)
+                    if dup == 2:
+                        e = torch.cat([e, e])
+                    codewords.append(e)
+                    if d < D - 1:
+                        running = e if running is None else running + e
+                        y = proj_depth(running)[:, None] + depth_pos[d + 1]
+                codewords = torch.stack(codewords, dim=1)  # (B, D, C)
+            else:
+                codewords = self.embed_codes(codes[:, t])
+                if dup == 2:
+                    codewords = torch.cat([codewords, codewords])
+            if t < T - 1:
+                x = (proj_in(codewords).sum(dim=1) + spatial_pos[t])[:, None]
+
+    def _decode_lean(self, rows, codes, num_prefix, logits_out, filters, do_sample, guidance_scale, generator,
+                     progress_bar):
+        N, T, D = codes.shape
+        B = rows.numel()
+        c = self.config
+        E = c.hidden_size
+        lin = _linear_wt if _EXPERIMENT.get("wt") else _linear
+        spatial = _StaticKV(self.spatial_transformer, B, T, self.code_embeddings.dtype, rows.device)
+        depth = _StaticKV(self.depth_transformer, B, D, self.code_embeddings.dtype, rows.device)
+        spatial_pos = self.spatial_position_embedding[0]  # (T, E)
+        depth_pos = self.depth_position_embedding[0]  # (D, E)
+        sp_blocks, d_blocks = list(self.spatial_transformer.blocks), list(self.depth_transformer.blocks)
+        norm = self.final_layer_norm
+        x = self.class_embedding(rows) + self.class_position_embedding[0]  # (B, E)
+        positions = range(T) if progress_bar is None else progress_bar(range(T))
+        for t in positions:
+            for i, blk in enumerate(sp_blocks):
+                x = _block_step(blk, x, spatial, i, t, lin)
+            context = x
+            need_depth = t >= num_prefix or logits_out is not None
+            if need_depth:
+                y = context + depth_pos[0]
+                running = None
+                codewords = []
+                for d in range(D):
+                    for i, blk in enumerate(d_blocks):
+                        y = _block_step(blk, y, depth, i, d, lin)
+                    logits = lin(F.layer_norm(y, (E,), norm.weight, norm.bias, norm.eps), self.lm_head)
+                    code = self._choose(logits, codes, logits_out, t, d, num_prefix, filters, do_sample,
+                                        guidance_scale, generator)
+                    e = self._embed_depth(code, d)
+                    if guidance_scale is not None:
+                        e = torch.cat([e, e])
+                    codewords.append(e)
+                    if d < D - 1:
+                        running = e if running is None else running + e
+                        y = lin(running, self.depth_input_proj) + depth_pos[d + 1]
+                codewords = torch.stack(codewords, dim=1)  # (B, D, C)
+            else:
+                codewords = self.embed_codes(codes[:, t])
+                if guidance_scale is not None:
+                    codewords = torch.cat([codewords, codewords])
+            if t < T - 1:
+                x = self.spatial_input_proj(codewords).sum(dim=1) + spatial_pos[t]
+
+    def _decode_uncached(self, rows, codes, num_prefix, logits_out, filters, do_sample, guidance_scale, generator,
+                         progress_bar):
+        """Reference path without caches: both transformers re-run the whole prefix at every step."""
+        N, T, D = codes.shape
+        start = (self.class_embedding(rows) + self.class_position_embedding[0])[:, None]
+        positions = range(T) if progress_bar is None else progress_bar(range(T))
+        for t in positions:
+            prefix = codes[:, :t]
+            if guidance_scale is not None:
+                prefix = torch.cat([prefix, prefix])
+            x = self.spatial_input_proj(self.embed_codes(prefix)).sum(dim=-2) + self.spatial_position_embedding[:, :t]
+            context = self.spatial_transformer(torch.cat([start, x], dim=1))[:, -1]
+            for d in range(D):
+                own = codes[:, t, :d]
+                if guidance_scale is not None:
+                    own = torch.cat([own, own])
+                slots = [context[:, None]]
+                if d:
+                    cw = torch.stack([self._embed_depth(own[:, j], j) for j in range(d)], dim=1)
+                    slots.append(self.depth_input_proj(cw.cumsum(dim=1)))
+                y = torch.cat(slots, dim=1) + self.depth_position_embedding[:, : d + 1]
+                logits = self.lm_head(self.final_layer_norm(self.depth_transformer(y)[:, -1]))
+                self._choose(logits, codes, logits_out, t, d, num_prefix, filters, do_sample, guidance_scale,
+                             generator)
+
+
+def draw_rq_code(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 generator: torch.Generator | None = None, do_sample: bool = True) -> torch.LongTensor:
+    """One code per row of `logits` `(B, K)` with the RQ authors' filters; returns `(B,)`.
+
+    Draws from exactly the distribution of ``sampling.rq_filter_probs`` (temperature, top-k on logits,
+    softmax, top-p dropping a token once the sorted mass before it reaches ``p``), but in one pass: the
+    nucleus is a prefix of the sorted probabilities, so a single uniform number is located in their
+    cumulative sum (already needed for the nucleus), instead of masking, scattering back, renormalising
+    and letting ``torch.multinomial`` sort out a second cumulative sum. At K = 16384 the filter is a large
+    share of each of the ``h*w*D`` steps. ``do_sample=False`` is the arg-max (the filters keep the maximum).
+    """
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    probs = torch.softmax(top_k_logits(logits, top_k), dim=-1)
+    rand_device = generator.device if generator is not None else probs.device
+    if top_p is None:
+        # a CPU generator may drive a model on another device: draw where the generator lives
+        return torch.multinomial(probs.to(rand_device), 1, generator=generator).squeeze(-1).to(probs.device)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    cumulative = sorted_probs.cumsum(dim=-1)
+    kept = ((cumulative - sorted_probs) < top_p).sum(dim=-1, keepdim=True)  # >= 1: the top token always stays
+    mass = cumulative.gather(-1, kept - 1)
+    u = torch.rand(mass.shape, generator=generator, device=rand_device).to(probs.device) * mass
+    index = torch.searchsorted(cumulative, u, right=True).clamp_(max=kept - 1)
+    return order.gather(-1, index).squeeze(-1)
+
+
+_EXPERIMENT = {}
+
+
+def _linear(x, layer):
+    return F.linear(x, layer.weight, layer.bias)
+
+
+def _linear_wt(x, layer):
+    return torch.addmm(layer.bias[:, None], layer.weight, x.t()).t()
+
+
+class _StaticKV:
+    def __init__(self, stack, batch, length, dtype, device):
+        blk = stack.blocks[0].attn
+        L = len(stack.blocks)
+        self.keys = torch.empty(L, batch, blk.num_heads, length, blk.head_dim, dtype=dtype, device=device)
+        self.values = torch.empty_like(self.keys)
+
+
+def _block_step(blk, x, kv, layer, pos, lin):
+    attn = blk.attn
+    B, E = x.shape
+    H, hd = attn.num_heads, attn.head_dim
+    h = F.layer_norm(x, (E,), blk.ln1.weight, blk.ln1.bias, blk.ln1.eps)
+    q = lin(h, attn.query).reshape(B, H, 1, hd)
+    kv.keys[layer, :, :, pos] = lin(h, attn.key).reshape(B, H, hd)
+    kv.values[layer, :, :, pos] = lin(h, attn.value).reshape(B, H, hd)
+    o = F.scaled_dot_product_attention(q, kv.keys[layer, :, :, : pos + 1], kv.values[layer, :, :, : pos + 1])
+    x = x + lin(o.reshape(B, E), attn.proj)
+    h = F.layer_norm(x, (E,), blk.ln2.weight, blk.ln2.bias, blk.ln2.eps)
+    return x + lin(F.gelu(lin(h, blk.mlp.fc_in)), blk.mlp.fc_out)
+
+
+AutoConfig.register(RQTransformerConfig.model_type, RQTransformerConfig, exist_ok=True)
+AutoModel.register(RQTransformerConfig, RQTransformerForImageGeneration, exist_ok=True)

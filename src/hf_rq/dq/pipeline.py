@@ -1,0 +1,154 @@
+"""Class-conditional (or unconditional) image generation with a DQ-Transformer and its DQ-VAE."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+
+from ..image_processing import numpy_to_pil, postprocess_images
+from ..pipeline_utils import check_output_type, resolve_class_labels
+from .prior import DQTransformerForImageGeneration
+from .tokenizer import DQVAEModel
+
+
+@dataclass
+class DQPipelineOutput(ImagePipelineOutput):
+    """Output of :class:`DQTransformerPipeline`.
+
+    Args:
+        images: the images (``output_type``), or the codes `(B, hf, hf)` for ``output_type="latent"``.
+        granularity (`torch.LongTensor` of shape `(B, hc, hc)`, *optional*): with ``return_granularity=True``,
+            where the model spent fine codes (1) and where coarse ones (0); see :meth:`DQTransformerPipeline.draw_granularity`.
+    """
+
+    granularity: torch.LongTensor | None = None
+
+
+class DQTransformerPipeline(DiffusionPipeline):
+    r"""DQ-Transformer image generation: class label in, image (and optionally its granularity map) out.
+
+    Components:
+        vqvae ([`DQVAEModel`]): the dynamic tokenizer; decodes the sampled code map `(B, hf, hf)`.
+        transformer ([`DQTransformerForImageGeneration`]): the prior; samples coarse then fine tokens.
+
+    Example:
+        ```py
+        >>> from hf_rq import DQTransformerPipeline
+        >>> pipe = DQTransformerPipeline.from_pretrained("path/or/repo")
+        >>> out = pipe(class_labels="golden retriever", generator=torch.Generator().manual_seed(0), return_granularity=True)
+        >>> pipe.draw_granularity(out.images, out.granularity)[0].save("sample_with_grid.png")
+        ```
+    """
+
+    model_cpu_offload_seq = "transformer->vqvae"
+
+    def __init__(self, vqvae: DQVAEModel, transformer: DQTransformerForImageGeneration):
+        super().__init__()
+        self.register_modules(vqvae=vqvae, transformer=transformer)
+
+    @property
+    def id2label(self) -> dict[int, str] | None:
+        """Class names of the prior (``transformer.config.id2label``), or None when it has none."""
+        c = self.transformer.config
+        if c.num_classes and c.id2label and len(c.id2label) == c.num_classes:
+            return {int(k): v for k, v in c.id2label.items()}
+        return None
+
+    def get_label_ids(self, label: str | list[str]) -> list[int]:
+        """Class names -> ids (as in ``DiTPipeline.get_label_ids``)."""
+        return resolve_class_labels(label, self.transformer.config.num_classes, self.id2label).tolist()
+
+    def check_components(self) -> None:
+        """Raise ``ValueError`` unless the DQ-VAE and the prior share the codebook size and the grids."""
+        vc, tc = self.vqvae.config, self.transformer.config
+        if vc.num_grains != 2:
+            raise ValueError("the DQ-Transformer models two granularities; this DQ-VAE has three")
+        found = dict(codebook_size=vc.codebook_size, coarse_grid_size=self.vqvae.coarse_grid_size)
+        expected = dict(codebook_size=tc.codebook_size, coarse_grid_size=tc.coarse_grid_size)
+        if found != expected:
+            raise ValueError(f"the DQ-VAE {found} does not fit the DQ-Transformer {expected}")
+
+    @staticmethod
+    def draw_granularity(images, granularity: torch.Tensor, alpha: float = 0.35) -> list[PIL.Image.Image]:
+        """Draw a granularity map over images: fine regions tinted red, every coarse-grid region outlined.
+
+        Args:
+            images: PIL images, or an ``"np"`` / ``"pt"`` batch from this pipeline (values in [0, 1]).
+            granularity (`torch.LongTensor` of shape `(B, hc, hc)`): the map returned with ``return_granularity=True``.
+        """
+        from ..evaluation.visualization import granularity_overlay
+
+        if isinstance(images, torch.Tensor):
+            images = images.detach().float().cpu().permute(0, 2, 3, 1).numpy()
+        if isinstance(images, np.ndarray):
+            images = numpy_to_pil(images)
+        images = list(images)
+        if len(images) != len(granularity):
+            raise ValueError(f"got {len(images)} images but {len(granularity)} granularity maps")
+        return [granularity_overlay(im, g, alpha=alpha) for im, g in zip(images, granularity)]
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | str | list[int | str] | torch.LongTensor | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        position_top_k: int | None = None,
+        position_top_p: float | None = None,
+        fix_fine_position: bool | None = None,
+        do_sample: bool | None = None,
+        output_type: str = "pil",
+        return_granularity: bool = False,
+        return_dict: bool = True,
+    ):
+        r"""Sample images.
+
+        Args:
+            class_labels: class ids or names (``transformer.config.id2label``), one per image; None for an
+                unconditional model.
+            num_images_per_prompt (`int`): images per label (for an unconditional model: the number of images).
+            generator (`torch.Generator`, *optional*): the same generator state gives the same images.
+            temperature, top_k, top_p: content sampling (one temperature for positions too, as the authors);
+                position_top_k, position_top_p: position sampling; None keeps the prior's ``generation_config``.
+            fix_fine_position (`bool`, *optional*): code every fine cell outside the sampled coarse ones in a fixed
+                order instead of sampling the fine positions.
+            do_sample (`bool`, *optional*): False picks the most likely token at every step.
+            output_type (`str`): ``"pil"``, ``"np"`` `(B, H, W, 3)` in [0, 1], ``"pt"`` `(B, 3, H, W)` in [0, 1], or
+                ``"latent"`` for the code map `(B, hf, hf)`.
+            return_granularity (`bool`): also return the granularity map `(B, hc, hc)` (1 = fine).
+            return_dict (`bool`): return a :class:`DQPipelineOutput` rather than a tuple.
+        """
+        check_output_type(output_type)
+        self.check_components()
+        c = self.transformer.config
+        if not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        batch_size = None
+        if class_labels is None:
+            batch_size = num_images_per_prompt
+        else:
+            class_labels = resolve_class_labels(class_labels, c.num_classes, self.id2label, num_images_per_prompt,
+                                                device=self._execution_device)
+        overrides = dict(temperature=temperature, top_k=top_k, top_p=top_p, position_top_k=position_top_k,
+                         position_top_p=position_top_p, fix_fine_position=fix_fine_position, do_sample=do_sample)
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        codes, granularity = self.transformer.generate(class_labels, batch_size=batch_size, generator=generator,
+                                                       progress_bar=self.progress_bar, return_dict_in_generate=False,
+                                                       **overrides)
+        if output_type == "latent":
+            images = codes
+        else:
+            decoded = self.vqvae.decode_codes(codes.to(self.vqvae.device), granularity.to(self.vqvae.device)).sample
+            images = postprocess_images(decoded, output_type)
+        self.maybe_free_model_hooks()
+        granularity = granularity if return_granularity else None
+        if not return_dict:
+            return (images,) if granularity is None else (images, granularity)
+        return DQPipelineOutput(images=images, granularity=granularity)

@@ -75,8 +75,9 @@ class TokenizerOutput(BaseOutput):
     """
 
     sample: torch.Tensor
-    codes: torch.LongTensor
-    commitment_loss: torch.Tensor
+    # Defaults let Accelerate rebuild the output from a dict (it does under mixed precision); always set.
+    codes: torch.LongTensor = None
+    commitment_loss: torch.Tensor = None
     codebook_loss: torch.Tensor | None = None
     extra_loss: torch.Tensor | None = None
     granularity: torch.LongTensor | None = None

@@ -14,8 +14,8 @@ import sys
 FAMILIES = ("rq", "dq", "ctf")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hf_rq.convert", description=__doc__.split("\n\n")[0])
+def build_parser(prog: str = "python -m hf_rq.convert") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
     for family in FAMILIES:
         try:
@@ -39,10 +39,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, needs_config: bool = T
                         help="allow reading pickle-based checkpoints (always with torch.load(weights_only=True))")
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = "python -m hf_rq.convert") -> int:
     from .checkpoint_utils import CheckpointError
 
-    parser = build_parser()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:
         args.func(args)

@@ -1,0 +1,617 @@
+"""The ``hf-rq`` command line: generate, reconstruct, convert, evaluate.
+
+Exit codes: 0 success; 1 the command failed (unknown model or class, unreadable image, unwritable output,
+...), with a one-line ``hf-rq <command>: error: ...`` on stderr; 2 bad command-line usage (argparse).
+Set ``HF_RQ_DEBUG=1`` to get the full traceback instead of the one-line error.
+
+Only the standard library is imported at module level, so ``--help`` does not wait for torch; each
+sub-command imports what it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = "hf-rq/rq-emoji-64"
+DEFAULT_CLASSIFIER = "hf-rq/emoji-classifier-64"  # == hf_rq.evaluation.DEFAULT_CLASSIFIER (not imported: slow)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class CLIError(Exception):
+    """An error the user can fix; printed as one line, exit code 1."""
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _quiet_libraries(verbose: bool, data: bool = False) -> None:
+    """diffusers/transformers (and datasets) log and draw bars while loading; keep the output to the command's own."""
+    if verbose:
+        return
+    if data:
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from diffusers.utils import logging as dlogging
+    from transformers.utils import logging as tlogging
+
+    dlogging.set_verbosity_error()
+    tlogging.set_verbosity_error()
+    # Loading bars ("Loading pipeline components", "Loading weights"); the sampling bar is the pipeline's own.
+    dlogging.disable_progress_bar()
+    tlogging.disable_progress_bar()
+
+
+def _check_writable_dir(folder: Path, what: str) -> None:
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".hf-rq-write-test-"):
+            pass
+    except OSError as exc:
+        raise CLIError(f"cannot write the {what} to {folder}: {exc.strerror or exc}") from None
+
+
+def _prepare_output(path: str, what: str = "output") -> tuple[Path, bool]:
+    """-> (path, is_file). A path with an image suffix is one file; anything else is a folder (created)."""
+    out = Path(path)
+    is_file = out.suffix.lower() in IMAGE_SUFFIXES
+    if is_file:
+        if out.is_dir():
+            raise CLIError(f"--output {out} is an existing folder, not an image file")
+        _check_writable_dir(out.parent if str(out.parent) else Path("."), what)
+    else:
+        if out.exists() and not out.is_dir():
+            raise CLIError(f"--output {out} exists and is not a folder (give a folder, or a file ending in .png/.jpg)")
+        _check_writable_dir(out, what)
+    return out, is_file
+
+
+def _prepare_json_output(path: str | None) -> Path | None:
+    if path is None:
+        return None
+    out = Path(path)
+    if out.is_dir():
+        raise CLIError(f"--output {out} is a folder; give a .json file")
+    _check_writable_dir(out.parent if str(out.parent) else Path("."), "metrics")
+    return out
+
+
+def _device(name: str | None):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise CLIError(f"unknown --device {name!r}: {_one_line(exc)}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda was asked for but CUDA is not available")
+    return device
+
+
+def _load_pipeline(name: str, device):
+    from .hub import ModelNotFoundError, load_pipeline
+
+    try:
+        pipe = load_pipeline(name)
+    except ModelNotFoundError as exc:
+        raise CLIError(_one_line(exc)) from None
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"could not load model {name!r}: {_one_line(exc)}") from None
+    return pipe.to(device)
+
+
+def _scalar_or_list(values):
+    if values is None:
+        return None
+    return values[0] if len(values) == 1 else list(values)
+
+
+def _sampling_overrides(args, pipe) -> dict:
+    import inspect
+
+    given = {"temperature": _scalar_or_list(args.temperature), "top_k": _scalar_or_list(args.top_k),
+             "top_p": _scalar_or_list(args.top_p), "guidance_scale": args.guidance_scale}
+    given = {k: v for k, v in given.items() if v is not None}
+    accepted = inspect.signature(pipe.__call__).parameters
+    for key in given:
+        if key not in accepted:
+            raise CLIError(f"--{key.replace('_', '-')} is not supported by {type(pipe).__name__}")
+    return given
+
+
+def _pipeline_classes(pipe) -> tuple[int, dict[int, str] | None]:
+    config = pipe.transformer.config
+    return int(getattr(config, "num_classes", 0) or 0), getattr(pipe, "id2label", None)
+
+
+def _resolve_classes(pipe, class_args):
+    """-> list of class ids to sample (None for an unconditional model)."""
+    from .pipeline_utils import resolve_class_labels
+
+    num_classes, names = _pipeline_classes(pipe)
+    if not class_args:
+        return list(range(num_classes)) if num_classes else None
+    try:
+        return resolve_class_labels(list(class_args), num_classes, names).tolist()
+    except (ValueError, TypeError) as exc:
+        raise CLIError(_one_line(exc)) from None
+
+
+def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (default: the model's saved generation config)")
+    g.add_argument("--temperature", type=float, nargs="+", metavar="T",
+                   help="softmax temperature; several values = one per code depth (RQ)")
+    g.add_argument("--top-k", type=int, nargs="+", metavar="K", help="keep the K most likely codes; per depth as above")
+    g.add_argument("--top-p", type=float, nargs="+", metavar="P", help="nucleus sampling mass; per depth as above")
+    g.add_argument("--guidance-scale", type=float, metavar="S", help="classifier-free guidance scale (models with a null class)")
+
+
+def _batched(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def _seed(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer seed, got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer seed, got {n}")
+    return n
+
+
+# --------------------------------------------------------------------------------------------- generate
+def cmd_generate(args) -> int:
+    out, is_file = _prepare_output(args.output)
+    _quiet_libraries(args.verbose)
+    import torch
+
+    from .image_processing import make_image_grid
+
+    device = _device(args.device)
+    pipe = _load_pipeline(args.model, device)
+    overrides = _sampling_overrides(args, pipe)
+    class_ids = _resolve_classes(pipe, args.class_labels)
+    _, names = _pipeline_classes(pipe)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    if class_ids is None:
+        requested = [None] * args.num_images
+    else:
+        requested = [c for c in class_ids for _ in range(args.num_images)]
+    batches = list(_batched(requested, args.batch_size))
+    images = []
+    for i, batch in enumerate(batches, start=1):
+        pipe.set_progress_bar_config(desc=f"batch {i}/{len(batches)}", disable=args.quiet)
+        try:
+            if batch[0] is None:
+                result = pipe(num_images_per_prompt=len(batch), generator=generator, **overrides)
+            else:
+                result = pipe(class_labels=batch, generator=generator, **overrides)
+        except (ValueError, TypeError) as exc:
+            raise CLIError(_one_line(exc)) from None
+        images.extend(result.images)
+
+    def label(c):
+        return "sample" if c is None else (names or {}).get(c, f"class{c}")
+
+    if is_file:
+        if len(images) == 1:
+            picture = images[0]
+        else:
+            if class_ids is not None and args.num_images > 1:
+                rows = len(class_ids)  # one row per class, one column per sample
+            elif class_ids is not None:
+                rows = 1  # one sample per class: a single row
+            else:
+                rows = max(1, round(len(images) ** 0.5))
+            cols = -(-len(images) // rows)
+            picture = make_image_grid(images + [images[0].copy().point(lambda _: 255)] * (rows * cols - len(images)), rows, cols)
+        picture.save(out)
+        print(f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)})")
+    else:
+        for i, (image, c) in enumerate(zip(images, requested)):
+            image.save(out / f"{i:04d}_{label(c)}.png")
+        print(f"wrote {len(images)} images to {out}/")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ reconstruct
+def _open_images(paths: list[str], size: int | None):
+    import PIL.Image
+
+    images = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise CLIError(f"image file not found: {path}")
+        try:
+            with PIL.Image.open(path) as im:
+                im.load()
+                image = im.convert("RGB")
+        except (PIL.UnidentifiedImageError, OSError, ValueError) as exc:
+            raise CLIError(f"not a readable image file: {path} ({_one_line(exc)})") from None
+        if size is not None and image.size != (size, size):
+            image = image.resize((size, size), PIL.Image.BICUBIC)
+        images.append(image)
+    if size is None and len({im.size for im in images}) > 1:
+        raise CLIError("the images differ in size; pass --size to resize them")
+    return images
+
+
+def _load_tokenizer(name: str, device):
+    from .hub import ModelNotFoundError, load_tokenizer
+
+    try:
+        model = load_tokenizer(name)
+    except ModelNotFoundError as exc:
+        raise CLIError(_one_line(exc)) from None
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"could not load tokenizer {name!r}: {_one_line(exc)}") from None
+    return model.to(device).eval()
+
+
+def cmd_reconstruct(args) -> int:
+    out, is_file = _prepare_output(args.output)
+    images = _open_images(args.images, args.size)  # before loading the model: a bad file fails fast
+    _quiet_libraries(args.verbose)
+    from .evaluation.visualization import labeled_grid, reconstruction_columns
+
+    device = _device(args.device)
+    tokenizer = _load_tokenizer(args.model, device)
+    if args.size is None:
+        size = getattr(tokenizer.config, "sample_size", None)
+        if size and images[0].size != (size, size):
+            images = _open_images(args.images, size)
+    try:
+        titles, rows = reconstruction_columns(tokenizer, images)
+    except (ValueError, TypeError) as exc:
+        raise CLIError(_one_line(exc)) from None
+    if is_file:
+        labeled_grid(rows, titles).save(out)
+        print(f"wrote {out} ({len(rows)} image{'s' * (len(rows) > 1)}, columns: {', '.join(titles)})")
+    else:
+        for path, row in zip(args.images, rows):
+            target = out / f"{Path(path).stem}_reconstruction.png"
+            labeled_grid([row], titles).save(target)
+        print(f"wrote {len(rows)} comparison{'s' * (len(rows) > 1)} to {out}/ (columns: {', '.join(titles)})")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- convert
+def cmd_convert(args) -> int:
+    from .convert import main as convert_main
+
+    return convert_main(args.convert_args, prog="hf-rq convert")
+
+
+class _Delegated(argparse.Namespace):
+    """``hf-rq convert ...``: everything after the word goes to ``hf_rq.convert`` untouched (its own --help too)."""
+
+    def __init__(self, rest: list[str]):
+        super().__init__(command="convert", convert_args=rest, func=cmd_convert)
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+def _print_metrics(metrics: dict) -> None:
+    width = max(len(k) for k in metrics)
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for k, v in value.items():
+                print(f"  {k:<{width}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
+        elif isinstance(value, float):
+            print(f"{key:<{width}}  {value:.4f}")
+        else:
+            print(f"{key:<{width}}  {value}")
+
+
+def _write_json(path: Path | None, metrics: dict) -> None:
+    if path is not None:
+        import json
+
+        path.write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"wrote {path}")
+
+
+def _feature_setup(args):
+    """-> (extractor or None for the classifier's own features, reference or None for the bundled one)."""
+    from .evaluation import evaluator as ev
+
+    extractor = None
+    if args.features == "inception":
+        from .evaluation.inception import InceptionWeightsNotFoundError
+
+        try:
+            extractor = ev.load_feature_extractor("inception", inception_weights=args.inception_weights,
+                                                  allow_pickle=args.allow_pickle)
+        except InceptionWeightsNotFoundError as exc:
+            raise CLIError(_one_line(exc)) from None
+        if args.reference is None:
+            raise CLIError("--features inception needs --reference DIR (real images to compare with)")
+    reference = None
+    if args.reference is not None:
+        data = _load_split(args.reference, args.reference_split)
+        feats = extractor or ev.ClassifierFeatureExtractor(ev.load_classifier(args.classifier))
+        labels = None
+        if data.id2label is not None:  # in the classifier's ids, for --class-balance reference
+            classifier_names = ev.load_classifier(args.classifier).id2label
+            try:
+                mapping = ev.map_classes_to_classifier(data.id2label, len(data.id2label), classifier_names)
+                labels = [mapping[int(c)] for c in data.labels]
+            except ValueError:
+                labels = None
+        reference = ev.reference_from_images(feats, data.images, labels,
+                                             description=f"{args.reference} {args.reference_split} split ({len(data.images)} images)")
+    return extractor, reference
+
+
+def _load_split(folder: str, split: str | None, max_images: int | None = None, size: int | None = None):
+    from .evaluation.data import load_imagefolder
+
+    try:
+        return load_imagefolder(folder, split, size=size, max_images=max_images)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CLIError(_one_line(exc)) from None
+
+
+def cmd_evaluate_generation(args) -> int:
+    json_out = _prepare_json_output(args.output)
+    if (args.model is None) == (args.images is None):
+        raise CLIError("give either --model (sample and evaluate) or --images DIR (evaluate saved images)")
+    _quiet_libraries(args.verbose, data=True)
+    data = _load_split(args.images, args.split) if args.images is not None else None  # fail fast on a bad folder
+    import torch
+
+    from .evaluation import evaluator as ev
+
+    try:
+        classifier = ev.load_classifier(args.classifier)
+    except OSError as exc:
+        raise CLIError(f"could not load the classifier {args.classifier!r}: {_one_line(exc)}") from None
+    extractor, reference = _feature_setup(args)
+    if args.model is not None:
+        device = _device(args.device)
+        pipe = _load_pipeline(args.model, device)
+        overrides = _sampling_overrides(args, pipe)
+        class_ids = _resolve_classes(pipe, args.class_labels)
+        if class_ids is None:
+            raise CLIError(f"{args.model} is unconditional; class-consistency needs a class-conditional model")
+        save_images = args.save_images is not None
+        if save_images:
+            save_dir, _ = _prepare_output(args.save_images, "images")
+        try:
+            metrics = ev.evaluate_pipeline(
+                pipe, num_images_per_class=args.num_images_per_class, class_labels=class_ids,
+                batch_size=args.batch_size, generator=torch.Generator(device).manual_seed(args.seed),
+                classifier=classifier, extractor=extractor, reference=reference, return_images=save_images,
+                progress=not args.quiet, class_balance=args.class_balance, **overrides)
+        except (ValueError, TypeError) as exc:
+            raise CLIError(_one_line(exc)) from None
+        if save_images:
+            names = classifier.id2label
+            for i, (image, c) in enumerate(zip(metrics.pop("images"), metrics.pop("class_ids"))):
+                folder = save_dir / (pipe.id2label or names).get(c, str(c))
+                folder.mkdir(exist_ok=True)
+                image.save(folder / f"{i:05d}.png")
+        metrics = {"model": args.model, **metrics}
+    else:
+        class_ids = _map_folder_labels(ev, data, classifier) if data.id2label is not None else None
+        try:
+            metrics = ev.evaluate_images(data.images, class_ids, classifier=classifier, extractor=extractor,
+                                         reference=reference, batch_size=args.batch_size)
+        except (ValueError, TypeError) as exc:
+            raise CLIError(_one_line(exc)) from None
+        metrics = {"images": f"{args.images} ({args.split or 'all'})", **metrics}
+    metrics["feature_space"] = "inception-v3 (2048-d)" if args.features == "inception" else f"{args.classifier} ({classifier.feature_dim}-d)"
+    _print_metrics(metrics)
+    _write_json(json_out, metrics)
+    return 0
+
+
+def _map_folder_labels(ev, data, classifier):
+    import torch
+
+    try:
+        mapping = ev.map_classes_to_classifier(data.id2label, len(data.id2label), classifier.id2label)
+    except ValueError as exc:
+        raise CLIError(f"the image folder's class names do not match the classifier's: {_one_line(exc)}") from None
+    return torch.tensor([mapping[int(c)] for c in data.labels])
+
+
+def cmd_evaluate_reconstruction(args) -> int:
+    json_out = _prepare_json_output(args.output)
+    _quiet_libraries(args.verbose, data=True)
+    from .evaluation import evaluator as ev
+
+    device = _device(args.device)
+    tokenizer = _load_tokenizer(args.model, device)
+    size = args.size or getattr(tokenizer.config, "sample_size", None)
+    data = _load_split(args.data, args.split, max_images=args.max_images, size=size)
+    extractor = None
+    if args.features == "inception":
+        from .evaluation.inception import InceptionWeightsNotFoundError
+
+        try:
+            extractor = ev.load_feature_extractor("inception", inception_weights=args.inception_weights,
+                                                  allow_pickle=args.allow_pickle, device=device)
+        except InceptionWeightsNotFoundError as exc:
+            raise CLIError(_one_line(exc)) from None
+    elif args.features == "classifier":
+        extractor = ev.load_feature_extractor("classifier", classifier=args.classifier, device=device)
+    try:
+        metrics = ev.evaluate_reconstruction(tokenizer, data.images, batch_size=args.batch_size, extractor=extractor,
+                                             device=device)
+    except (ValueError, TypeError) as exc:
+        raise CLIError(_one_line(exc)) from None
+    metrics = {"model": args.model, "data": f"{args.data} ({args.split})", **metrics}
+    if extractor is not None:
+        metrics["feature_space"] = "inception-v3 (2048-d)" if args.features == "inception" else args.classifier
+    _print_metrics(metrics)
+    _write_json(json_out, metrics)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ parser
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--verbose", action="store_true", help="show library warnings and logs")
+
+
+def _add_feature_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("feature space")
+    g.add_argument("--classifier", default=DEFAULT_CLASSIFIER,
+                   help=f"in-domain classifier (class-consistency; default feature space) (default: {DEFAULT_CLASSIFIER})")
+    g.add_argument("--features", choices=("classifier", "inception"), default="classifier",
+                   help="feature space of FID/KID/precision/recall (inception needs its weights locally)")
+    g.add_argument("--inception-weights", metavar="PATH",
+                   help="FID Inception-v3 weights (torch-fidelity or pytorch-fid file; default: search the torch hub cache)")
+    g.add_argument("--allow-pickle", action="store_true", help="allow reading .pth weights (torch.load(weights_only=True))")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-rq",
+        description="Autoregressive image generation over quantized tokens (RQ, DQ, CTF): sample, inspect, convert, evaluate.",
+        epilog="Exit codes: 0 success, 1 the command failed (one-line error), 2 bad usage. HF_RQ_DEBUG=1 shows tracebacks.",
+    )
+    try:
+        from importlib.metadata import version
+
+        parser.add_argument("--version", action="version", version=f"hf-rq {version('hf-rq')}")
+    except Exception:  # not installed as a distribution (e.g. run from a source tree)
+        pass
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="sample images from a pipeline",
+                       description="Sample class-conditional (or unconditional) images from an hf-rq pipeline.",
+                       epilog="Examples: hf-rq generate --output out.png; "
+                              "hf-rq generate --class animals_nature flags --num-images 4 --seed 1 --output samples/")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"pipeline folder, bundled name or Hub id (default: {DEFAULT_MODEL})")
+    g.add_argument("--class", dest="class_labels", nargs="+", metavar="NAME_OR_ID",
+                   help="class names or ids (default: every class of a class-conditional model)")
+    g.add_argument("--num-images", type=_positive, default=1, metavar="N",
+                   help="images per class (unconditional model: in total) (default: 1)")
+    g.add_argument("--seed", type=_seed, default=0, help="random seed; the same seed gives the same images (default: 0)")
+    g.add_argument("--batch-size", type=_positive, default=16, help="images sampled at once (default: 16)")
+    _add_sampling_arguments(g)
+    g.add_argument("--output", required=True, metavar="FILE_OR_DIR",
+                   help="an image file (.png/.jpg: one image, or a grid: one row per class, one column per sample) or a folder "
+                        "(one PNG per image)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_common(g)
+    g.set_defaults(func=cmd_generate)
+
+    r = sub.add_parser("reconstruct", help="round-trip images through a tokenizer, side by side",
+                       description="Encode and decode images with a tokenizer and write side-by-side comparisons: RQ "
+                                   "tokenizers show one column per code depth (coarse to fine), DQ tokenizers their "
+                                   "granularity map.")
+    r.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    r.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"tokenizer folder, or a pipeline whose tokenizer to use; bundled name or Hub id (default: {DEFAULT_MODEL})")
+    r.add_argument("--size", type=_positive, default=None,
+                   help="resize images to SIZE x SIZE first (default: the tokenizer's sample_size)")
+    r.add_argument("--output", required=True, metavar="FILE_OR_DIR",
+                   help="an image file (all rows in one picture) or a folder (one picture per image)")
+    _add_common(r)
+    r.set_defaults(func=cmd_reconstruct)
+
+    c = sub.add_parser("convert", help="convert the authors' checkpoints (see hf-rq convert --help)", add_help=False,
+                       description="Convert official checkpoints to save_pretrained folders (hf_rq.convert).")
+    c.add_argument("convert_args", nargs=argparse.REMAINDER)
+
+    e = sub.add_parser("evaluate", help="quality metrics of a generator or a tokenizer",
+                       description="Quality metrics: 'generation' (class-consistency, FID/KID/precision/recall/IS of "
+                                   "samples) or 'reconstruction' (PSNR, SSIM, rFID, codebook usage of a tokenizer).")
+    esub = e.add_subparsers(dest="what", required=True, metavar="WHAT")
+
+    eg = esub.add_parser("generation", help="class-consistency and FID/KID/precision/recall of samples",
+                         description="Sample every class of a class-conditional pipeline (or read saved images from an "
+                                     "imagefolder) and measure class-consistency with the in-domain classifier and "
+                                     "FID/KID/precision/recall/IS in its feature space against the emoji test split "
+                                     "(stored with the classifier), or against --reference images.")
+    eg.add_argument("--model", default=None, help=f"pipeline to sample (e.g. {DEFAULT_MODEL})")
+    eg.add_argument("--images", metavar="DIR", help="evaluate saved images instead: an imagefolder (class sub-folders named as the classifier's classes)")
+    eg.add_argument("--split", default=None, help="split of --images (default: test, else the only one)")
+    eg.add_argument("--class", dest="class_labels", nargs="+", metavar="NAME_OR_ID", help="classes to sample (default: all)")
+    eg.add_argument("--num-images-per-class", type=_positive, default=20, metavar="N",
+                    help="samples per class on average: N x classes in all (default: 20)")
+    eg.add_argument("--class-balance", choices=("reference", "uniform"), default="reference",
+                    help="split the samples over the classes as the reference images are (default), or evenly")
+    eg.add_argument("--batch-size", type=_positive, default=16, help="(default: 16)")
+    eg.add_argument("--seed", type=_seed, default=0, help="(default: 0)")
+    _add_sampling_arguments(eg)
+    _add_feature_arguments(eg)
+    eg.add_argument("--reference", metavar="DIR", help="real images (imagefolder) to compare with (default: the classifier's stored test-split features)")
+    eg.add_argument("--reference-split", default="test", help="(default: test)")
+    eg.add_argument("--save-images", metavar="DIR", help="also save the samples, one sub-folder per class")
+    eg.add_argument("--output", metavar="JSON", help="write the metrics to this JSON file")
+    eg.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_common(eg)
+    eg.set_defaults(func=cmd_evaluate_generation)
+
+    er = esub.add_parser("reconstruction", help="PSNR, SSIM, rFID, codebook usage of a tokenizer",
+                         description="Round-trip an imagefolder split through a tokenizer: PSNR, SSIM, rFID/rKID "
+                                     "(classifier or Inception features), codebook usage and perplexity (per depth for RQ).")
+    er.add_argument("--model", required=True, help="tokenizer folder, or a pipeline whose tokenizer to use")
+    er.add_argument("--data", required=True, metavar="DIR", help="imagefolder of real images")
+    er.add_argument("--split", default="test", help="(default: test)")
+    er.add_argument("--max-images", type=_positive, default=None, metavar="N")
+    er.add_argument("--size", type=_positive, default=None, help="resize to SIZE x SIZE (default: the tokenizer's sample_size)")
+    er.add_argument("--batch-size", type=_positive, default=32, help="(default: 32)")
+    _add_feature_arguments(er)
+    er.set_defaults(features="classifier")
+    er.add_argument("--no-rfid", dest="features", action="store_const", const=None, help="skip rFID/rKID")
+    er.add_argument("--output", metavar="JSON", help="write the metrics to this JSON file")
+    _add_common(er)
+    er.set_defaults(func=cmd_evaluate_reconstruction)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # argparse's REMAINDER does not capture leading options such as --help, so hand over before parsing.
+    args = _Delegated(argv[1:]) if argv[:1] == ["convert"] else parser.parse_args(argv)
+    name = args.command if args.command != "evaluate" else f"evaluate {args.what}"
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"hf-rq {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line, not a traceback: the CLI's contract (HF_RQ_DEBUG=1 shows it)
+        if os.environ.get("HF_RQ_DEBUG"):
+            raise
+        message = _one_line(exc)
+        if not isinstance(exc, CLIError):
+            message = f"{type(exc).__name__}: {message}"
+        print(f"hf-rq {name}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

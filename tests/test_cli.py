@@ -177,7 +177,6 @@ def test_entry_point_generate(tmp_path, pipeline_dir):
     assert "batch 1/1" in result.stderr  # the progress bar
 
 
-@pytest.mark.skipif("hf-rq/rq-emoji-64" not in hub.list_bundled_models(), reason="the default RQ model is not bundled yet")
 def test_entry_point_default_model(tmp_path):
     """The README's promise: one command, offline, a real image from the bundled default model."""
     result = run_subprocess(["generate", "--output", "out.png"], cwd=tmp_path)

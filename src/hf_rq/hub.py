@@ -154,3 +154,16 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, **kwargs):
             raise ValueError(f"{name_or_path!r}/config.json names no _class_name, so it is not a tokenizer folder")
     cls = _hf_rq_class(class_name, TOKENIZER_CLASSES, "tokenizer")
     return cls.from_pretrained(resolve_pretrained(name_or_path), subfolder=subfolder, revision=revision, **kwargs)
+
+
+class BundledModelsMixin:
+    """Lets ``from_pretrained`` load the models shipped with hf_rq by their short name, offline.
+
+    ``RQTransformerPipeline.from_pretrained("hf-rq/rq-emoji-64")`` (or a tokenizer / prior with
+    ``subfolder=...``) resolves to the folder inside the installed package; a local folder or any other id
+    goes to diffusers / transformers unchanged. Put it first in the bases of a pipeline, model or prior.
+    """
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        return super().from_pretrained(resolve_pretrained(pretrained_model_name_or_path), *args, **kwargs)

@@ -6,6 +6,8 @@ from typing import Mapping, Sequence
 
 import torch
 
+from .hub import BundledModelsMixin  # noqa: F401  (pipelines import it from here)
+
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
@@ -81,3 +83,4 @@ def resolve_class_labels(
 def check_output_type(output_type: str) -> None:
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+

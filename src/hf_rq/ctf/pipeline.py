@@ -12,7 +12,7 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 
 from ..image_processing import make_image_grid, postprocess_images
-from ..pipeline_utils import check_output_type, resolve_class_labels
+from ..pipeline_utils import BundledModelsMixin, check_output_type, resolve_class_labels
 from .prior import CTFForImageGeneration, LlamaGenForImageGeneration
 from .tokenizer import LlamaGenVQModel
 
@@ -31,7 +31,7 @@ def _check_num_images(num_images_per_prompt) -> None:
         raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
 
 
-class _LlamaGenFamilyPipeline(DiffusionPipeline):
+class _LlamaGenFamilyPipeline(BundledModelsMixin, DiffusionPipeline):
     """What the LlamaGen and CTF pipelines share: class resolution, decoding, output types."""
 
     model_cpu_offload_seq = "transformer->vqvae"

@@ -36,6 +36,7 @@ from transformers.utils import ModelOutput
 
 from ..llama_blocks import LlamaGenBlock, LlamaRMSNorm, llamagen_ffn_hidden_size, precompute_2d_rotary
 from ..sampling import check_temperature, check_top_k, check_top_p, sample_tokens, top_k_logits
+from ..hub import BundledModelsMixin
 
 __all__ = [
     "CTFAuxiliaryModel",
@@ -424,7 +425,7 @@ class LlamaGenOutputHead(nn.Linear):
         super().__init__(hidden_size, vocab_size, bias=False)
 
 
-class LlamaGenPreTrainedModel(PreTrainedModel):
+class LlamaGenPreTrainedModel(BundledModelsMixin, PreTrainedModel):
     config_class = LlamaGenConfig
     base_model_prefix = "model"
     main_input_name = "codes"

@@ -17,9 +17,10 @@ from diffusers.utils.accelerate_utils import apply_forward_hook
 from ..autoencoder_blocks import make_decoder, make_encoder
 from ..outputs import QuantizerOutput, TokenizerDecoderOutput, TokenizerEncoderOutput, TokenizerOutput
 from ..quantizers import VectorQuantizer
+from ..hub import BundledModelsMixin
 
 
-class LlamaGenVQModel(ModelMixin, ConfigMixin):
+class LlamaGenVQModel(BundledModelsMixin, ModelMixin, ConfigMixin):
     r"""LlamaGen's VQ tokenizer (VQModel-style API, one code per latent position).
 
     The encoder and decoder are the taming/VQGAN ones, built from diffusers' ``Encoder`` / ``Decoder``

@@ -10,7 +10,7 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 
 from ..image_processing import numpy_to_pil, postprocess_images
-from ..pipeline_utils import check_output_type, resolve_class_labels
+from ..pipeline_utils import BundledModelsMixin, check_output_type, resolve_class_labels
 from .prior import DQTransformerForImageGeneration
 from .tokenizer import DQVAEModel
 
@@ -28,7 +28,7 @@ class DQPipelineOutput(ImagePipelineOutput):
     granularity: torch.LongTensor | None = None
 
 
-class DQTransformerPipeline(DiffusionPipeline):
+class DQTransformerPipeline(BundledModelsMixin, DiffusionPipeline):
     r"""DQ-Transformer image generation: class label in, image (and optionally its granularity map) out.
 
     Components:

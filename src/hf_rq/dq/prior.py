@@ -38,6 +38,7 @@ from ..pipeline_utils import resolve_class_labels
 from ..sampling import top_k_logits, validate_sampling_args
 from ..transformer_blocks import GPTStack
 from .tokens import FINE_POSITION_ORDERS, DQTokens, DQVocabulary, codes_to_tokens, tokens_to_codes, upsample_granularity
+from ..hub import BundledModelsMixin
 
 # generate() options beyond the standard GenerationConfig fields (saved with generation_config.json).
 DQ_GENERATION_DEFAULTS = dict(position_top_k=None, position_top_p=1.0, fix_fine_position=False)
@@ -183,7 +184,7 @@ def authors_top_p(probs: torch.Tensor, p: float | None) -> torch.Tensor:
     return probs / probs.sum(dim=-1, keepdim=True)
 
 
-class DQTransformerPreTrainedModel(PreTrainedModel):
+class DQTransformerPreTrainedModel(BundledModelsMixin, PreTrainedModel):
     config: DQTransformerConfig
     config_class = DQTransformerConfig
     base_model_prefix = "dq_transformer"

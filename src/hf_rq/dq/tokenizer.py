@@ -40,6 +40,7 @@ from ..outputs import QuantizerOutput, TokenizerDecoderOutput, TokenizerEncoderO
 from ..quantizers import EMACodebook
 from .entropy import patch_entropy
 from .tokens import DQTokens, check_grid_form, codes_to_tokens, tokens_to_codes, upsample_granularity
+from ..hub import BundledModelsMixin
 
 ROUTER_TYPES = ("entropy", "feature")
 GATE_ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU}
@@ -192,7 +193,7 @@ class FourierLearnedPositionEmbedding(nn.Module):
         return h + learned.permute(2, 0, 1)[None]
 
 
-class DQVAEModel(ModelMixin, ConfigMixin):
+class DQVAEModel(BundledModelsMixin, ModelMixin, ConfigMixin):
     r"""Dynamic-granularity VQ-VAE (DQ-VAE) with a VQModel-style API.
 
     Parameters:

@@ -71,12 +71,12 @@ def reconstruction_columns(tokenizer, images: list[PIL.Image.Image]) -> tuple[li
             columns.append(postprocess_images(tokenizer.decode_codes(codes, depth=d).sample, "pil"))
     else:
         out = tokenizer(x)
-        titles = ["input", "reconstruction"]
+        titles = ["input", "decoded"]  # 64 px columns: short titles
         recon = postprocess_images(out.sample, "pil")
         columns.append(recon)
         granularity = getattr(out, "granularity", None)
         if granularity is not None:
-            titles.append("granularity (red: fine)")
+            titles.append("red: fine")
             columns.append([granularity_overlay(im, g) for im, g in zip(recon, granularity)])
     rows = [list(r) for r in zip(*columns)]
     return titles, rows

@@ -6,12 +6,12 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 
 from ..image_processing import postprocess_images
-from ..pipeline_utils import check_output_type
+from ..pipeline_utils import BundledModelsMixin, check_output_type
 from .prior import RQTransformerForImageGeneration
 from .tokenizer import RQVAEModel
 
 
-class RQTransformerPipeline(DiffusionPipeline):
+class RQTransformerPipeline(BundledModelsMixin, DiffusionPipeline):
     r"""RQ-Transformer image generation: class label in, image out.
 
     Components:

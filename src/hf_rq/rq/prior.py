@@ -30,6 +30,7 @@ from transformers.utils import ModelOutput
 from ..pipeline_utils import resolve_class_labels
 from ..sampling import top_k_logits, validate_sampling_args
 from ..transformer_blocks import GPTStack
+from ..hub import BundledModelsMixin
 
 
 @strict
@@ -159,7 +160,7 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> to
     return -(targets * torch.log_softmax(logits.float(), dim=-1)).sum(dim=-1)
 
 
-class RQTransformerPreTrainedModel(PreTrainedModel):
+class RQTransformerPreTrainedModel(BundledModelsMixin, PreTrainedModel):
     config: RQTransformerConfig
     config_class = RQTransformerConfig
     base_model_prefix = "rq_transformer"

@@ -16,9 +16,10 @@ from diffusers.utils.accelerate_utils import apply_forward_hook
 from ..autoencoder_blocks import make_decoder, make_encoder
 from ..outputs import QuantizerOutput, TokenizerDecoderOutput, TokenizerEncoderOutput, TokenizerOutput
 from ..quantizers import ResidualQuantizer
+from ..hub import BundledModelsMixin
 
 
-class RQVAEModel(ModelMixin, ConfigMixin):
+class RQVAEModel(BundledModelsMixin, ModelMixin, ConfigMixin):
     r"""Residual-quantized VAE (VQModel-style API, codes with a depth axis).
 
     Parameters:

@@ -1,0 +1,56 @@
+"""The default models shipped inside the package: they load offline by their short name, in float32, with the
+data's attribution next to them, and sample reproducibly with a seed."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hf_rq import CTFPipeline, DQTransformerPipeline, RQTransformerPipeline, hub
+
+DEFAULTS = {
+    "hf-rq/rq-emoji-64": RQTransformerPipeline,
+    "hf-rq/dq-emoji-64": DQTransformerPipeline,
+    "hf-rq/ctf-emoji-64": CTFPipeline,
+}
+CLASSES = ["activities", "animals_nature", "flags", "food_drink", "objects", "people_body", "smileys_emotion",
+           "symbols", "travel_places"]
+
+
+@pytest.fixture(scope="module", params=sorted(DEFAULTS))
+def bundled(request):
+    return request.param, DEFAULTS[request.param].from_pretrained(request.param)
+
+
+def test_all_defaults_are_bundled():
+    assert set(DEFAULTS) <= set(hub.list_bundled_models())
+
+
+def test_loads_offline_in_float32_with_attribution(bundled):
+    name, pipe = bundled
+    folder = hub.bundled_path(name)
+    for notice in ("ATTRIBUTION.txt", "LICENSE-Noto-Emoji-Apache-2.0.txt", "LICENSE-emoji-data-MIT.txt"):
+        assert (folder / notice).is_file(), notice
+    for component in pipe.components.values():
+        assert all(p.dtype == torch.float32 for p in component.parameters())
+    assert [pipe.transformer.config.id2label[i] for i in range(9)] == CLASSES
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == type(pipe).__name__
+    # the components load by the short name too (diffusers ModelMixin / transformers PreTrainedModel)
+    for sub in ("vqvae", "transformer"):
+        alone = type(getattr(pipe, sub)).from_pretrained(name, subfolder=sub)
+        for (k, a), b in zip(getattr(pipe, sub).state_dict().items(), alone.state_dict().values()):
+            assert torch.equal(a, b), (sub, k)
+
+
+def test_same_seed_same_images_and_class_names(bundled):
+    _, pipe = bundled
+    pipe.set_progress_bar_config(disable=True)
+
+    def sample(seed):
+        return pipe(class_labels=["flags", 6], generator=torch.Generator().manual_seed(seed), output_type="np").images
+
+    a, b = sample(0), sample(0)  # two calls only: DQ's two-stage sampler takes seconds per call on a CPU
+    assert a.shape == (2, 64, 64, 3) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a[0] - a[1]).max() > 0.1 and a.std() > 0.05  # two different images, not a constant canvas

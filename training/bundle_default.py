@@ -1,0 +1,83 @@
+"""Copy a trained pipeline folder into the package's bundled models (``src/hf_rq/bundled/<name>``).
+
+    python training/bundle_default.py runs/defaults/rq-emoji-64 --name rq-emoji-64 --data_dir ../shared/data/emoji
+
+What is kept: ``model_index.json``, each component's config and weights, the model card (its usage line
+rewritten to the bundled name ``hf-rq/<name>``), ``eval_results.json``, the final sample grid, and the data's
+attribution and licences. Training state (checkpoints, code cache, logs) stays behind.
+
+Floating-point weights are stored as float16 to keep the repository small to clone; both diffusers and
+transformers load them back as float32 (the configs say float32), so nothing changes for users except that
+the weights were rounded once. Integer tensors (e.g. CTF's fine-to-coarse table) are kept as they are.
+"""
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+BUNDLED = Path(__file__).resolve().parents[1] / "src" / "hf_rq" / "bundled"
+WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+DATA_NOTICES = ("ATTRIBUTION.txt", "LICENSE-Noto-Emoji-Apache-2.0.txt", "LICENSE-emoji-data-MIT.txt")
+
+
+def to_float16(src: Path, dst: Path) -> int:
+    """Write ``src`` with float tensors as float16; refuses a tensor that float16 cannot hold."""
+    tensors = load_file(str(src))
+    out = {}
+    for key, value in tensors.items():
+        if value.is_floating_point():
+            if value.abs().max() > torch.finfo(torch.float16).max:
+                raise ValueError(f"{src}: '{key}' exceeds the float16 range; keep this model in float32")
+            value = value.to(torch.float16)
+        out[key] = value.contiguous()
+    save_file(out, str(dst), metadata={"format": "pt"})
+    return sum(v.numel() for v in out.values())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("pipeline_dir", type=Path, help="output_dir of training/train_prior.py")
+    parser.add_argument("--name", required=True, help="bundled name, loaded as hf-rq/<name>")
+    parser.add_argument("--data_dir", type=Path, required=True, help="the training data (for its attribution)")
+    args = parser.parse_args(argv)
+
+    index_file = args.pipeline_dir / "model_index.json"
+    if not index_file.is_file():
+        parser.error(f"{args.pipeline_dir} has no model_index.json: not a pipeline folder")
+    target = BUNDLED / args.name
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    shutil.copy(index_file, target / "model_index.json")
+    components = [k for k, v in json.loads(index_file.read_text()).items() if isinstance(v, list)]
+    numel = 0
+    for component in components:
+        (target / component).mkdir()
+        for file in sorted((args.pipeline_dir / component).iterdir()):
+            if file.name in WEIGHTS:
+                numel += to_float16(file, target / component / file.name)
+            elif file.suffix == ".json":
+                shutil.copy(file, target / component / file.name)
+    card = (args.pipeline_dir / "README.md").read_text()
+    card = card.replace(f"from_pretrained('{args.pipeline_dir.name}')", f"from_pretrained('hf-rq/{args.name}')")
+    (target / "README.md").write_text(card)
+    for name in ("eval_results.json",):
+        if (args.pipeline_dir / name).is_file():
+            shutil.copy(args.pipeline_dir / name, target / name)
+    samples = args.pipeline_dir / "validation" / "samples-final.png"
+    if samples.is_file():
+        shutil.copy(samples, target / "samples.png")
+    for name in DATA_NOTICES:
+        if (args.data_dir / name).is_file():
+            shutil.copy(args.data_dir / name, target / name)
+    print(f"{target}: {len(components)} components, {numel / 1e6:.2f}M values stored as float16")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

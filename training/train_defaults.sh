@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Retrains the default models shipped in src/hf_rq/bundled/ (rq-emoji-64, dq-emoji-64, ctf-emoji-64) with the
+# project's own training scripts. Every command, seed and step count is here; the measured wall time of each
+# stage is appended to $OUT/timings.tsv. See src/hf_rq/bundled/TRAINING.md for the run that produced them.
+#
+#   DATA=../shared/data/emoji OUT=runs/defaults bash training/train_defaults.sh          # all three families
+#   FAMILIES="rq" bash training/train_defaults.sh                                       # one of them
+#
+# With a GPU the three families train side by side (the models are small, the GPU is mostly idle otherwise);
+# on a CPU they run one after the other. TOKENIZER_STEPS / PRIOR_STEPS scale a run down for a smoke test.
+set -euo pipefail
+
+DATA=${DATA:-../shared/data/emoji}
+OUT=${OUT:-runs/defaults}
+FAMILIES=${FAMILIES:-"rq dq ctf"}
+TOKENIZER_STEPS=${TOKENIZER_STEPS:-6000}
+PRIOR_STEPS=${PRIOR_STEPS:-6000}
+SEED=${SEED:-0}
+PYTHON=${PYTHON:-python}
+mkdir -p "$OUT"
+
+common=(--train_data_dir "$DATA" --resolution 64 --random_flip --seed "$SEED" --report_to tensorboard
+        --checkpointing_steps 2000 --checkpoints_total_limit 1 --logging_steps 50 --dataloader_num_workers 2)
+tokenizer_args=(--train_batch_size 64 --learning_rate 4e-4 --lr_scheduler cosine --lr_warmup_steps 200
+                --max_train_steps "$TOKENIZER_STEPS" --perceptual_weight 0 --disc_start $((TOKENIZER_STEPS / 2))
+                --use_ema --validation_steps "$TOKENIZER_STEPS")
+prior_args=(--train_batch_size 128 --learning_rate 1e-3 --lr_scheduler cosine --lr_warmup_steps 300
+            --max_train_steps "$PRIOR_STEPS" --use_ema --validation_steps "$PRIOR_STEPS")
+
+timed() {  # timed NAME COMMAND...: run, log, and record the wall time
+    local name=$1 start
+    shift
+    start=$(date +%s)
+    "$@" >"$OUT/$name.log" 2>&1 || { echo "$name failed; see $OUT/$name.log" >&2; tail -20 "$OUT/$name.log" >&2; return 1; }
+    printf '%s\t%s\n' "$name" "$(( $(date +%s) - start ))" >>"$OUT/timings.tsv"
+}
+
+train_family() {
+    case $1 in
+    rq)
+        timed rqvae "$PYTHON" training/train_tokenizer.py --model rqvae --model_config training/configs/rqvae_emoji64.json \
+            "${common[@]}" "${tokenizer_args[@]}" --output_dir "$OUT/rqvae-emoji-64"
+        timed rq "$PYTHON" training/train_prior.py --model rq --tokenizer_name_or_path "$OUT/rqvae-emoji-64" \
+            --model_config training/configs/rqtransformer_emoji64.json --class_dropout_prob 0.1 \
+            "${common[@]}" "${prior_args[@]}" --output_dir "$OUT/rq-emoji-64" ;;
+    dq)
+        timed dqvae "$PYTHON" training/train_tokenizer.py --model dqvae --model_config training/configs/dqvae_emoji64.json \
+            "${common[@]}" "${tokenizer_args[@]}" --output_dir "$OUT/dqvae-emoji-64"
+        # The DQ-Transformer has no null class (as the authors'), hence no class dropout.
+        timed dq "$PYTHON" training/train_prior.py --model dq --tokenizer_name_or_path "$OUT/dqvae-emoji-64" \
+            --model_config training/configs/dqtransformer_emoji64.json --class_dropout_prob 0 \
+            "${common[@]}" "${prior_args[@]}" --output_dir "$OUT/dq-emoji-64" ;;
+    ctf)
+        timed llamagen-vq "$PYTHON" training/train_tokenizer.py --model llamagen-vq \
+            --model_config training/configs/llamagen_vq_emoji64.json \
+            "${common[@]}" "${tokenizer_args[@]}" --output_dir "$OUT/llamagen-vq-emoji-64"
+        timed ctf "$PYTHON" training/train_prior.py --model ctf --tokenizer_name_or_path "$OUT/llamagen-vq-emoji-64" \
+            --model_config training/configs/ctf_emoji64.json --class_dropout_prob 0.1 \
+            "${common[@]}" "${prior_args[@]}" --output_dir "$OUT/ctf-emoji-64" ;;
+    *) echo "unknown family '$1' (expected rq, dq or ctf)" >&2; return 2 ;;
+    esac
+}
+
+if "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    pids=()
+    for family in $FAMILIES; do train_family "$family" & pids+=($!); done
+    status=0
+    for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+    exit $status
+else
+    for family in $FAMILIES; do train_family "$family"; done
+fi

@@ -19,7 +19,9 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The test models are tiny: one thread is faster than two, which mostly wait on each other (and on the
+# other process of the 2-process DDP test).
+torch.set_num_threads(1)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

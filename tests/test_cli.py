@@ -13,7 +13,7 @@ import PIL.Image
 import pytest
 
 from evaluation_utils import save_tiny_pipeline, tiny_rqvae
-from hf_rq import cli, hub
+from hf_rq import cli
 
 
 @pytest.fixture(scope="module")

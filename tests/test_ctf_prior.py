@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoModel, DynamicCache
 
 from hf_rq.checkpoint_utils import CheckpointError, check_state_dict

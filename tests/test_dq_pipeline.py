@@ -17,14 +17,6 @@ NAMES = ["apple", "bear", "cat", "dog", "eagle", "fish", "goat", "horse", "ibis"
 GREEDY = dict(do_sample=False, top_k=None, top_p=None, position_top_k=None, position_top_p=None)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models: one thread avoids thread-pool waits on a busy machine (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def dq(fixtures_dir):

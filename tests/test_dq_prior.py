@@ -15,14 +15,6 @@ SEQUENCES = ("coarse_content", "coarse_position", "fine_content", "fine_position
 GREEDY = dict(do_sample=False, top_k=None, top_p=None, position_top_k=None, position_top_p=None)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models: one thread avoids thread-pool waits on a busy machine (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def dq(fixtures_dir):

@@ -21,14 +21,6 @@ THRESHOLD = 1.6777750253677368  # key "50" of the authors' ImageNet thresholds (
 SEQUENCES = ("coarse_content", "coarse_position", "fine_content", "fine_position")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models: one thread avoids thread-pool waits on a busy machine (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def dq(fixtures_dir):

@@ -17,14 +17,6 @@ SHIM = Path(__file__).resolve().parents[1] / "pipelines" / "pipeline_rq.py"
 NAMES = ["apple", "bear", "cat", "dog", "eagle", "fish", "goat", "horse", "ibis", "jaguar"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models: one thread avoids thread-pool waits on a busy machine (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def ref(fixtures_dir):

@@ -45,14 +45,6 @@ def prior(official, vqvae):
     return convert_rqtransformer(official["tf"], official["tf_arch"], vqvae)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """These models are tiny: one thread avoids thread-pool waits on a busy machine (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_config(**overrides):
     """A small prior on the reference tokenizer's code grid (8x8x4, K=64, C=16)."""

@@ -28,14 +28,6 @@ IMAGES = Path(__file__).parent / "fixtures" / "images"
 TINY_RQVAE = json.loads((REPO / "training" / "configs" / "rqvae_tiny.json").read_text())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models here are tiny: one thread is faster, and on a busy machine two threads mostly wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def data_args(**overrides):
     parser = argparse.ArgumentParser()

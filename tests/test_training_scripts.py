@@ -39,14 +39,6 @@ SMALL_TOKENIZER = ["--disc_start", "1"]
 SMALL_PRIOR = ["--lr_warmup_steps", "1", "--cache_batch_size", "8"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models here are tiny: one thread is faster, and on a busy machine two threads mostly wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def load_script(name):
     spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO / "training" / f"{name}.py")

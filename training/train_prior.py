@@ -26,10 +26,10 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from hf_rq.training import (
-    ImageDataset, ImageTransform, NonFiniteGuard, TrainState, add_data_arguments, add_training_arguments, cache_codes,
-    check_resolution, check_tokenizer_input, load_checkpoint, load_image_data, log_image_grid, make_accelerator,
-    make_model_card, make_scheduler, parse_config_argument, push_folder_to_hub, resolve_resume_checkpoint,
-    save_checkpoint, step_generator, training_length, validate_training_arguments, write_rank_report,
+    ImageDataset, ImageTransform, add_data_arguments, add_training_arguments, cache_codes, check_resolution,
+    check_tokenizer_input, load_image_data, log_image_grid, make_accelerator, make_model_card, make_scheduler,
+    parse_config_argument, prepare_resumable_state, push_folder_to_hub, save_checkpoint, step_generator,
+    training_length, validate_training_arguments, write_rank_report,
 )
 from hf_rq.training.priors import PRIORS, get_prior_spec
 
@@ -130,22 +130,7 @@ def main(argv=None):
     lr_scheduler = make_scheduler(args, optimizer, max_steps, accelerator.num_processes)
     prior, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(prior, optimizer, train_dataloader, lr_scheduler)
     unwrapped = accelerator.unwrap_model(prior)
-    ema = None
-    if args.use_ema:
-        from diffusers.training_utils import EMAModel
-
-        ema = EMAModel(unwrapped.parameters(), decay=args.ema_decay)
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
-    state, guard = TrainState(), NonFiniteGuard(args.max_nan_skips)
-    accelerator.register_for_checkpointing(state)
-    accelerator.register_for_checkpointing(guard)
-    resume_from = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    if resume_from is not None:
-        accelerator.print(f"resuming from {resume_from}")
-        load_checkpoint(accelerator, resume_from)
-        if ema is not None:
-            ema.to(accelerator.device)
+    ema, state, guard = prepare_resumable_state(accelerator, args, unwrapped)
 
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(f"{type(unwrapped).__name__}: {sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters, "

@@ -24,12 +24,12 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from hf_rq.training import (
-    TOKENIZERS, DiscriminatorLoss, NLayerDiscriminator, NonFiniteGuard, TokenizerLoss, TokenizerLossConfig,
-    TrainState, add_data_arguments, add_training_arguments, check_resolution, check_tokenizer_input, codebook_size,
-    codebook_statistics, collate, downsample_factor, last_decoder_layer, load_checkpoint, load_image_data,
-    load_lpips, log_image_grid, make_accelerator, make_model_card, make_scheduler, parse_config_argument,
-    push_folder_to_hub, reconstruction_grid_images, reconstruction_metrics, resolve_resume_checkpoint,
-    save_checkpoint, training_length, validate_training_arguments, write_rank_report,
+    DiscriminatorLoss, NLayerDiscriminator, TokenizerLoss, TokenizerLossConfig, TOKENIZERS, add_data_arguments,
+    add_training_arguments, check_resolution, check_tokenizer_input, codebook_size, codebook_statistics, collate,
+    downsample_factor, last_decoder_layer, load_image_data, load_lpips, log_image_grid, make_accelerator,
+    make_model_card, make_scheduler, parse_config_argument, prepare_resumable_state, push_folder_to_hub,
+    reconstruction_grid_images, reconstruction_metrics, save_checkpoint, training_length,
+    validate_training_arguments, write_rank_report,
 )
 
 logger = logging.getLogger("train_tokenizer")
@@ -117,22 +117,7 @@ def main(argv=None):
         TokenizerLossConfig(args.reconstruction_loss, commitment_weight, args.codebook_weight, args.perceptual_weight,
                             args.disc_weight, args.disc_start, args.adaptive_disc_weight, args.disc_weight_max),
         perceptual, discriminator)
-    ema = None
-    if args.use_ema:
-        from diffusers.training_utils import EMAModel
-
-        ema = EMAModel(unwrapped.parameters(), decay=args.ema_decay, model_cls=type(unwrapped), model_config=unwrapped.config)
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
-    state, guard = TrainState(), NonFiniteGuard(args.max_nan_skips)
-    accelerator.register_for_checkpointing(state)
-    accelerator.register_for_checkpointing(guard)
-    resume_from = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    if resume_from is not None:
-        accelerator.print(f"resuming from {resume_from}")
-        load_checkpoint(accelerator, resume_from)
-        if ema is not None:
-            ema.to(accelerator.device)
+    ema, state, guard = prepare_resumable_state(accelerator, args, unwrapped, model_cls=type(unwrapped), model_config=unwrapped.config)
 
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(f"{type(unwrapped).__name__}: {sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters, "

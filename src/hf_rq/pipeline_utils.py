@@ -6,8 +6,6 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .hub import BundledModelsMixin  # noqa: F401  (pipelines import it from here)
-
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 

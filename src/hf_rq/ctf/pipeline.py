@@ -12,7 +12,8 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 
 from ..image_processing import make_image_grid, postprocess_images
-from ..pipeline_utils import BundledModelsMixin, check_output_type, resolve_class_labels
+from ..hub import BundledModelsMixin
+from ..pipeline_utils import check_output_type, resolve_class_labels
 from .prior import CTFForImageGeneration, LlamaGenForImageGeneration
 from .tokenizer import LlamaGenVQModel
 

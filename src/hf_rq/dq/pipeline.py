@@ -10,7 +10,8 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 
 from ..image_processing import numpy_to_pil, postprocess_images
-from ..pipeline_utils import BundledModelsMixin, check_output_type, resolve_class_labels
+from ..hub import BundledModelsMixin
+from ..pipeline_utils import check_output_type, resolve_class_labels
 from .prior import DQTransformerForImageGeneration
 from .tokenizer import DQVAEModel
 

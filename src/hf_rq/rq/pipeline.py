@@ -6,7 +6,8 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 
 from ..image_processing import postprocess_images
-from ..pipeline_utils import BundledModelsMixin, check_output_type
+from ..hub import BundledModelsMixin
+from ..pipeline_utils import check_output_type
 from .prior import RQTransformerForImageGeneration
 from .tokenizer import RQVAEModel
 

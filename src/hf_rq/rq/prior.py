@@ -502,9 +502,6 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
 
     def _decode_cached(self, rows, codes, num_prefix, logits_out, filters, do_sample, guidance_scale, generator,
                        progress_bar):
-        if _EXPERIMENT.get("lean"):
-            return self._decode_lean(rows, codes, num_prefix, logits_out, filters, do_sample, guidance_scale,
-                                     generator, progress_bar)
         N, T, D = codes.shape
         dup = 2 if guidance_scale is not None else 1
         # Hoisted out of the loop: per-step slicing of parameters costs Python time on every one of T*D steps.
@@ -544,51 +541,6 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
                     codewords = torch.cat([codewords, codewords])
             if t < T - 1:
                 x = (proj_in(codewords).sum(dim=1) + spatial_pos[t])[:, None]
-
-    def _decode_lean(self, rows, codes, num_prefix, logits_out, filters, do_sample, guidance_scale, generator,
-                     progress_bar):
-        N, T, D = codes.shape
-        B = rows.numel()
-        c = self.config
-        E = c.hidden_size
-        lin = _linear_wt if _EXPERIMENT.get("wt") else _linear
-        spatial = _StaticKV(self.spatial_transformer, B, T, self.code_embeddings.dtype, rows.device)
-        depth = _StaticKV(self.depth_transformer, B, D, self.code_embeddings.dtype, rows.device)
-        spatial_pos = self.spatial_position_embedding[0]  # (T, E)
-        depth_pos = self.depth_position_embedding[0]  # (D, E)
-        sp_blocks, d_blocks = list(self.spatial_transformer.blocks), list(self.depth_transformer.blocks)
-        norm = self.final_layer_norm
-        x = self.class_embedding(rows) + self.class_position_embedding[0]  # (B, E)
-        positions = range(T) if progress_bar is None else progress_bar(range(T))
-        for t in positions:
-            for i, blk in enumerate(sp_blocks):
-                x = _block_step(blk, x, spatial, i, t, lin)
-            context = x
-            need_depth = t >= num_prefix or logits_out is not None
-            if need_depth:
-                y = context + depth_pos[0]
-                running = None
-                codewords = []
-                for d in range(D):
-                    for i, blk in enumerate(d_blocks):
-                        y = _block_step(blk, y, depth, i, d, lin)
-                    logits = lin(F.layer_norm(y, (E,), norm.weight, norm.bias, norm.eps), self.lm_head)
-                    code = self._choose(logits, codes, logits_out, t, d, num_prefix, filters, do_sample,
-                                        guidance_scale, generator)
-                    e = self._embed_depth(code, d)
-                    if guidance_scale is not None:
-                        e = torch.cat([e, e])
-                    codewords.append(e)
-                    if d < D - 1:
-                        running = e if running is None else running + e
-                        y = lin(running, self.depth_input_proj) + depth_pos[d + 1]
-                codewords = torch.stack(codewords, dim=1)  # (B, D, C)
-            else:
-                codewords = self.embed_codes(codes[:, t])
-                if guidance_scale is not None:
-                    codewords = torch.cat([codewords, codewords])
-            if t < T - 1:
-                x = self.spatial_input_proj(codewords).sum(dim=1) + spatial_pos[t]
 
     def _decode_uncached(self, rows, codes, num_prefix, logits_out, filters, do_sample, guidance_scale, generator,
                          progress_bar):
@@ -644,39 +596,6 @@ def draw_rq_code(logits: torch.Tensor, temperature: float = 1.0, top_k: int | No
     u = torch.rand(mass.shape, generator=generator, device=rand_device).to(probs.device) * mass
     index = torch.searchsorted(cumulative, u, right=True).clamp_(max=kept - 1)
     return order.gather(-1, index).squeeze(-1)
-
-
-_EXPERIMENT = {}
-
-
-def _linear(x, layer):
-    return F.linear(x, layer.weight, layer.bias)
-
-
-def _linear_wt(x, layer):
-    return torch.addmm(layer.bias[:, None], layer.weight, x.t()).t()
-
-
-class _StaticKV:
-    def __init__(self, stack, batch, length, dtype, device):
-        blk = stack.blocks[0].attn
-        L = len(stack.blocks)
-        self.keys = torch.empty(L, batch, blk.num_heads, length, blk.head_dim, dtype=dtype, device=device)
-        self.values = torch.empty_like(self.keys)
-
-
-def _block_step(blk, x, kv, layer, pos, lin):
-    attn = blk.attn
-    B, E = x.shape
-    H, hd = attn.num_heads, attn.head_dim
-    h = F.layer_norm(x, (E,), blk.ln1.weight, blk.ln1.bias, blk.ln1.eps)
-    q = lin(h, attn.query).reshape(B, H, 1, hd)
-    kv.keys[layer, :, :, pos] = lin(h, attn.key).reshape(B, H, hd)
-    kv.values[layer, :, :, pos] = lin(h, attn.value).reshape(B, H, hd)
-    o = F.scaled_dot_product_attention(q, kv.keys[layer, :, :, : pos + 1], kv.values[layer, :, :, : pos + 1])
-    x = x + lin(o.reshape(B, E), attn.proj)
-    h = F.layer_norm(x, (E,), blk.ln2.weight, blk.ln2.bias, blk.ln2.eps)
-    return x + lin(F.gelu(lin(h, blk.mlp.fc_in)), blk.mlp.fc_out)
 
 
 AutoConfig.register(RQTransformerConfig.model_type, RQTransformerConfig, exist_ok=True)

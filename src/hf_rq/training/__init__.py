@@ -12,7 +12,8 @@ Not imported by ``import hf_rq``; import ``hf_rq.training`` explicitly.
 """
 
 from .checkpointing import (
-    TrainState, latest_checkpoint, list_checkpoints, load_checkpoint, resolve_resume_checkpoint, save_checkpoint,
+    TrainState, latest_checkpoint, list_checkpoints, load_checkpoint, prepare_resumable_state, resolve_resume_checkpoint,
+    save_checkpoint,
 )
 from .code_cache import CodeCacheError, cache_codes, tokenizer_fingerprint
 from .common import (

@@ -166,3 +166,31 @@ def load_checkpoint(accelerator, path) -> None:
     # load_state does not restore Accelerate's own checkpoint counter (HF_CONVENTIONS trap 7); keep it in
     # step with ours in case anything saves with automatic naming later.
     accelerator.project_configuration.iteration = (_step_of(path) or 0) + 1
+
+
+def prepare_resumable_state(accelerator, args, model, **ema_kwargs):
+    """EMA weights (with ``--use_ema``), the step counter and the NaN guard, registered for checkpointing,
+    then restored from ``--resume_from_checkpoint`` when given. Call after ``accelerator.prepare``.
+
+    Returns ``(ema, state, guard)``; ``ema`` is a diffusers ``EMAModel`` or None. Everything that a resumed
+    run needs to continue exactly is registered here, in one place, so the two scripts cannot diverge.
+    """
+    from .losses import NonFiniteGuard
+
+    ema = None
+    if args.use_ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(model.parameters(), decay=args.ema_decay, **ema_kwargs)
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    state, guard = TrainState(), NonFiniteGuard(args.max_nan_skips)
+    accelerator.register_for_checkpointing(state)
+    accelerator.register_for_checkpointing(guard)
+    resume_from = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if resume_from is not None:
+        accelerator.print(f"resuming from {resume_from}")
+        load_checkpoint(accelerator, resume_from)
+        if ema is not None:
+            ema.to(accelerator.device)  # loading puts the shadow weights back on the CPU
+    return ema, state, guard

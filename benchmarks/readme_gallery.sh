@@ -5,7 +5,7 @@
 #   DATA=../shared/data/emoji bash benchmarks/readme_gallery.sh [METRICS_DIR]
 #
 # Sampling is seeded, so the pictures come out the same on the same software; the metrics take a few minutes
-# on a CPU (DQ's two-stage sampler is the slowest).
+# on a CPU.
 set -euo pipefail
 export HF_HUB_OFFLINE=1
 DATA=${DATA:-../shared/data/emoji}

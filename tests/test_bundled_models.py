@@ -50,7 +50,7 @@ def test_same_seed_same_images_and_class_names(bundled):
     def sample(seed):
         return pipe(class_labels=["flags", 6], generator=torch.Generator().manual_seed(seed), output_type="np").images
 
-    a, b = sample(0), sample(0)  # two calls only: DQ's two-stage sampler takes seconds per call on a CPU
+    a, b = sample(0), sample(0)
     assert a.shape == (2, 64, 64, 3) and a.dtype == np.float32
     np.testing.assert_array_equal(a, b)
     assert np.abs(a[0] - a[1]).max() > 0.1 and a.std() > 0.05  # two different images, not a constant canvas

@@ -82,3 +82,23 @@ def check_output_type(output_type: str) -> None:
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
 
+
+
+class ClassLabelsMixin:
+    """Class names of a pipeline's prior: ``id2label`` and ``get_label_ids`` (as in diffusers' ``DiTPipeline``).
+
+    Reads ``self.transformer.config`` (``num_classes``, ``id2label``), which every family's prior has.
+    """
+
+    @property
+    def id2label(self) -> dict[int, str] | None:
+        """Class names of the prior (``transformer.config.id2label``), or None when it has none."""
+        c = self.transformer.config
+        # PreTrainedConfig invents {0: "LABEL_0", 1: "LABEL_1"} when no names were given; only real names count.
+        if c.num_classes and c.id2label and len(c.id2label) == c.num_classes:
+            return normalize_id2label(c.id2label)
+        return None
+
+    def get_label_ids(self, label: str | list[str]) -> list[int]:
+        """Class names (or ids) -> ids."""
+        return resolve_class_labels(label, self.transformer.config.num_classes, self.id2label).tolist()

@@ -13,18 +13,11 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 
 from ..image_processing import make_image_grid, postprocess_images
 from ..hub import BundledModelsMixin
-from ..pipeline_utils import check_output_type, resolve_class_labels
+from ..pipeline_utils import ClassLabelsMixin, check_output_type, resolve_class_labels
 from .prior import CTFForImageGeneration, LlamaGenForImageGeneration
 from .tokenizer import LlamaGenVQModel
 
 __all__ = ["CTFPipeline", "CTFPipelineOutput", "LlamaGenPipeline", "coarse_labels_to_pil"]
-
-
-def _id2label(config) -> dict[int, str] | None:
-    # PreTrainedConfig invents {0: "LABEL_0", 1: "LABEL_1"} when no names were given; only real names count.
-    if config.num_classes and config.id2label and len(config.id2label) == config.num_classes:
-        return {int(k): v for k, v in config.id2label.items()}
-    return None
 
 
 def _check_num_images(num_images_per_prompt) -> None:
@@ -32,19 +25,10 @@ def _check_num_images(num_images_per_prompt) -> None:
         raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
 
 
-class _LlamaGenFamilyPipeline(BundledModelsMixin, DiffusionPipeline):
+class _LlamaGenFamilyPipeline(BundledModelsMixin, ClassLabelsMixin, DiffusionPipeline):
     """What the LlamaGen and CTF pipelines share: class resolution, decoding, output types."""
 
     model_cpu_offload_seq = "transformer->vqvae"
-
-    @property
-    def id2label(self) -> dict[int, str] | None:
-        """Class names of the prior (``transformer.config.id2label``), or None when it has none."""
-        return _id2label(self.transformer.config)
-
-    def get_label_ids(self, label: str | list[str]) -> list[int]:
-        """Class names -> ids (as in ``DiTPipeline.get_label_ids``)."""
-        return resolve_class_labels(label, self.transformer.config.num_classes, self.id2label).tolist()
 
     def _prepare_labels(self, class_labels, num_images_per_prompt):
         """-> ``(class ids (N,) or None, batch_size)``; None samples unconditionally from the null class."""

@@ -11,7 +11,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 
 from ..image_processing import numpy_to_pil, postprocess_images
 from ..hub import BundledModelsMixin
-from ..pipeline_utils import check_output_type, resolve_class_labels
+from ..pipeline_utils import ClassLabelsMixin, check_output_type, resolve_class_labels
 from .prior import DQTransformerForImageGeneration
 from .tokenizer import DQVAEModel
 
@@ -29,7 +29,7 @@ class DQPipelineOutput(ImagePipelineOutput):
     granularity: torch.LongTensor | None = None
 
 
-class DQTransformerPipeline(BundledModelsMixin, DiffusionPipeline):
+class DQTransformerPipeline(BundledModelsMixin, ClassLabelsMixin, DiffusionPipeline):
     r"""DQ-Transformer image generation: class label in, image (and optionally its granularity map) out.
 
     Components:
@@ -50,18 +50,6 @@ class DQTransformerPipeline(BundledModelsMixin, DiffusionPipeline):
     def __init__(self, vqvae: DQVAEModel, transformer: DQTransformerForImageGeneration):
         super().__init__()
         self.register_modules(vqvae=vqvae, transformer=transformer)
-
-    @property
-    def id2label(self) -> dict[int, str] | None:
-        """Class names of the prior (``transformer.config.id2label``), or None when it has none."""
-        c = self.transformer.config
-        if c.num_classes and c.id2label and len(c.id2label) == c.num_classes:
-            return {int(k): v for k, v in c.id2label.items()}
-        return None
-
-    def get_label_ids(self, label: str | list[str]) -> list[int]:
-        """Class names -> ids (as in ``DiTPipeline.get_label_ids``)."""
-        return resolve_class_labels(label, self.transformer.config.num_classes, self.id2label).tolist()
 
     def check_components(self) -> None:
         """Raise ``ValueError`` unless the DQ-VAE and the prior share the codebook size and the grids."""

@@ -7,12 +7,12 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 
 from ..image_processing import postprocess_images
 from ..hub import BundledModelsMixin
-from ..pipeline_utils import check_output_type
+from ..pipeline_utils import ClassLabelsMixin, check_output_type
 from .prior import RQTransformerForImageGeneration
 from .tokenizer import RQVAEModel
 
 
-class RQTransformerPipeline(BundledModelsMixin, DiffusionPipeline):
+class RQTransformerPipeline(BundledModelsMixin, ClassLabelsMixin, DiffusionPipeline):
     r"""RQ-Transformer image generation: class label in, image out.
 
     Components:
@@ -33,20 +33,6 @@ class RQTransformerPipeline(BundledModelsMixin, DiffusionPipeline):
     def __init__(self, vqvae: RQVAEModel, transformer: RQTransformerForImageGeneration):
         super().__init__()
         self.register_modules(vqvae=vqvae, transformer=transformer)
-
-    @property
-    def id2label(self) -> dict[int, str] | None:
-        """Class names of the prior (``transformer.config.id2label``), or None when it has none."""
-        c = self.transformer.config
-        if c.num_classes and c.id2label and len(c.id2label) == c.num_classes:
-            return {int(k): v for k, v in c.id2label.items()}
-        return None
-
-    def get_label_ids(self, label: str | list[str]) -> list[int]:
-        """Class names -> ids (as in ``DiTPipeline.get_label_ids``)."""
-        from ..pipeline_utils import resolve_class_labels
-
-        return resolve_class_labels(label, self.transformer.config.num_classes, self.id2label).tolist()
 
     @torch.no_grad()
     def __call__(

@@ -20,7 +20,7 @@ install_requires = [
 
 extras = {
     "train": ["tensorboard>=2.16"],
-    "test": ["pytest>=8", "scipy>=1.11", "scikit-learn>=1.4", "tensorboard>=2.16"],
+    "test": ["pytest>=8", "scipy>=1.11", "scikit-learn>=1.4", "scikit-image>=0.22", "tensorboard>=2.16"],
 }
 extras["dev"] = sorted(set(extras["train"] + extras["test"] + ["ruff"]))
 

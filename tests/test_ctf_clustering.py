@@ -3,13 +3,12 @@
 import json
 
 import pytest
+import sklearn.cluster as sklearn_cluster
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from hf_rq.ctf.clustering import build_coarse_labels, kmeans
-
-sklearn_cluster = pytest.importorskip("sklearn.cluster")
 
 
 def _points(n=600, c=8, seed=0):

@@ -200,7 +200,7 @@ def test_ssim_matches_reference(image_pair):
 
 
 def test_ssim_matches_scikit_image(image_pair):
-    skimage_metrics = pytest.importorskip("skimage.metrics")
+    import skimage.metrics as skimage_metrics  # a test dependency (setup.py extras "test")
     x, y = image_pair
     ref = [skimage_metrics.structural_similarity(a.transpose(1, 2, 0), b.transpose(1, 2, 0), data_range=1.0,
                                                  channel_axis=-1, gaussian_weights=True, sigma=1.5,

@@ -102,3 +102,20 @@ class ClassLabelsMixin:
     def get_label_ids(self, label: str | list[str]) -> list[int]:
         """Class names (or ids) -> ids."""
         return resolve_class_labels(label, self.transformer.config.num_classes, self.id2label).tolist()
+
+    def prepare_class_labels(self, class_labels, num_images_per_prompt: int):
+        """-> ``(class ids (N,) on the execution device, None)``, or ``(None, num_images_per_prompt)`` when
+        ``class_labels`` is None (unconditional sampling: the prior's ``generate(batch_size=...)``)."""
+        n = num_images_per_prompt
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        if class_labels is None:
+            return None, num_images_per_prompt
+        labels = resolve_class_labels(class_labels, self.transformer.config.num_classes, self.id2label,
+                                      num_images_per_prompt, device=self._execution_device)
+        return labels, None
+
+
+def generation_overrides(**kwargs) -> dict:
+    """The sampling arguments a caller set: None means "keep the prior's saved ``generation_config`` value"."""
+    return {k: v for k, v in kwargs.items() if v is not None}

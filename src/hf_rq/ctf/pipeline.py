@@ -13,16 +13,11 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 
 from ..image_processing import make_image_grid, postprocess_images
 from ..hub import BundledModelsMixin
-from ..pipeline_utils import ClassLabelsMixin, check_output_type, resolve_class_labels
+from ..pipeline_utils import ClassLabelsMixin, check_output_type, generation_overrides
 from .prior import CTFForImageGeneration, LlamaGenForImageGeneration
 from .tokenizer import LlamaGenVQModel
 
 __all__ = ["CTFPipeline", "CTFPipelineOutput", "LlamaGenPipeline", "coarse_labels_to_pil"]
-
-
-def _check_num_images(num_images_per_prompt) -> None:
-    if not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool) or num_images_per_prompt < 1:
-        raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
 
 
 class _LlamaGenFamilyPipeline(BundledModelsMixin, ClassLabelsMixin, DiffusionPipeline):
@@ -32,14 +27,9 @@ class _LlamaGenFamilyPipeline(BundledModelsMixin, ClassLabelsMixin, DiffusionPip
 
     def _prepare_labels(self, class_labels, num_images_per_prompt):
         """-> ``(class ids (N,) or None, batch_size)``; None samples unconditionally from the null class."""
-        _check_num_images(num_images_per_prompt)
-        if class_labels is None:
-            if self.transformer.config.null_class_id is None:
-                raise ValueError("this prior has no null class: pass class_labels (ids or names)")
-            return None, num_images_per_prompt
-        labels = resolve_class_labels(class_labels, self.transformer.config.num_classes, self.id2label,
-                                      num_images_per_prompt, device=self._execution_device)
-        return labels, None
+        if class_labels is None and self.transformer.config.null_class_id is None:
+            raise ValueError("this prior has no null class: pass class_labels (ids or names)")
+        return self.prepare_class_labels(class_labels, num_images_per_prompt)
 
     def _decode(self, codes: torch.LongTensor, output_type: str):
         if output_type == "latent":
@@ -107,9 +97,8 @@ class LlamaGenPipeline(_LlamaGenFamilyPipeline):
         check_output_type(output_type)
         self.check_components()
         labels, batch_size = self._prepare_labels(class_labels, num_images_per_prompt)
-        overrides = {k: v for k, v in dict(guidance_scale=guidance_scale, cfg_interval=cfg_interval,
-                                           temperature=temperature, top_k=top_k, top_p=top_p,
-                                           do_sample=do_sample).items() if v is not None}
+        overrides = generation_overrides(guidance_scale=guidance_scale, cfg_interval=cfg_interval,
+                                         temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample)
         codes = self.transformer.generate(labels, batch_size=batch_size, generator=generator,
                                           progress_bar=self.progress_bar, **overrides)
         images = self._decode(codes, output_type)
@@ -241,11 +230,11 @@ class CTFPipeline(_LlamaGenFamilyPipeline):
         check_output_type(output_type)
         self.check_components()
         labels, batch_size = self._prepare_labels(class_labels, num_images_per_prompt)
-        overrides = {k: v for k, v in dict(
+        overrides = generation_overrides(
             guidance_scale=guidance_scale, cfg_interval=cfg_interval, temperature=temperature, top_k=top_k,
             top_p=top_p, fine_temperature=fine_temperature, fine_top_k=fine_top_k, fine_top_p=fine_top_p,
             fine_guidance_scale=fine_guidance_scale, in_cluster_mask=in_cluster_mask, do_sample=do_sample,
-        ).items() if v is not None}
+        )
         out = self.transformer.generate(labels, batch_size=batch_size, generator=generator,
                                         progress_bar=self.progress_bar, return_dict_in_generate=True, **overrides)
         images = self._decode(out.sequences, output_type)

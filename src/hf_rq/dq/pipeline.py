@@ -11,7 +11,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 
 from ..image_processing import numpy_to_pil, postprocess_images
 from ..hub import BundledModelsMixin
-from ..pipeline_utils import ClassLabelsMixin, check_output_type, resolve_class_labels
+from ..pipeline_utils import ClassLabelsMixin, check_output_type, generation_overrides
 from .prior import DQTransformerForImageGeneration
 from .tokenizer import DQVAEModel
 
@@ -116,18 +116,10 @@ class DQTransformerPipeline(BundledModelsMixin, ClassLabelsMixin, DiffusionPipel
         """
         check_output_type(output_type)
         self.check_components()
-        c = self.transformer.config
-        if not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
-        batch_size = None
-        if class_labels is None:
-            batch_size = num_images_per_prompt
-        else:
-            class_labels = resolve_class_labels(class_labels, c.num_classes, self.id2label, num_images_per_prompt,
-                                                device=self._execution_device)
-        overrides = dict(temperature=temperature, top_k=top_k, top_p=top_p, position_top_k=position_top_k,
-                         position_top_p=position_top_p, fix_fine_position=fix_fine_position, do_sample=do_sample)
-        overrides = {k: v for k, v in overrides.items() if v is not None}
+        class_labels, batch_size = self.prepare_class_labels(class_labels, num_images_per_prompt)
+        overrides = generation_overrides(temperature=temperature, top_k=top_k, top_p=top_p,
+                                         position_top_k=position_top_k, position_top_p=position_top_p,
+                                         fix_fine_position=fix_fine_position, do_sample=do_sample)
         codes, granularity = self.transformer.generate(class_labels, batch_size=batch_size, generator=generator,
                                                        progress_bar=self.progress_bar, return_dict_in_generate=False,
                                                        **overrides)

@@ -7,7 +7,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 
 from ..image_processing import postprocess_images
 from ..hub import BundledModelsMixin
-from ..pipeline_utils import ClassLabelsMixin, check_output_type
+from ..pipeline_utils import ClassLabelsMixin, check_output_type, generation_overrides
 from .prior import RQTransformerForImageGeneration
 from .tokenizer import RQVAEModel
 
@@ -65,19 +65,9 @@ class RQTransformerPipeline(BundledModelsMixin, ClassLabelsMixin, DiffusionPipel
         """
         check_output_type(output_type)
         self.transformer.check_codebook(self.vqvae)
-        c = self.transformer.config
-        if not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
-        batch_size = None
-        if class_labels is None:
-            batch_size = num_images_per_prompt
-        else:
-            from ..pipeline_utils import resolve_class_labels
-
-            class_labels = resolve_class_labels(class_labels, c.num_classes, self.id2label, num_images_per_prompt,
-                                                device=self._execution_device)
-        overrides = {k: v for k, v in dict(temperature=temperature, top_k=top_k, top_p=top_p,
-                                           guidance_scale=guidance_scale, do_sample=do_sample).items() if v is not None}
+        class_labels, batch_size = self.prepare_class_labels(class_labels, num_images_per_prompt)
+        overrides = generation_overrides(temperature=temperature, top_k=top_k, top_p=top_p,
+                                         guidance_scale=guidance_scale, do_sample=do_sample)
         codes = self.transformer.generate(class_labels, batch_size=batch_size, generator=generator,
                                           progress_bar=self.progress_bar, **overrides)
         if output_type == "latent":

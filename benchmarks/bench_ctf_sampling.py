@@ -17,10 +17,10 @@ and the single stage-2 pass costs about the same whatever the AR size.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+
+from bench_utils import median_time as timed
 
 # (hidden, layers, heads). The LlamaGen presets, plus CPU-sized ones that keep the head/body balance of a
 # 16384-way output (at small width the head dominates, as in the paper's B model it is a large share).
@@ -55,20 +55,6 @@ def build(preset: str, aux_preset: str, codebook: int, clusters: int, grid: int,
         model.to(device=device, dtype=dtype).eval()
     return gpt, ctf
 
-
-def timed(fn, repeats: int, device) -> float:
-    def run():
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @torch.no_grad()

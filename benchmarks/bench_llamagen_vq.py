@@ -14,11 +14,11 @@ Configs (``--configs``): ``vq16-w32-128px`` (VQ-16 layout at 1/4 width, 8x8 grid
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import torch
+
+from bench_utils import median_time as timed
 
 CONFIGS = {
     "vq16-w32-128px": dict(ch=32, ch_mult=[1, 1, 2, 2, 4], size=128),
@@ -47,15 +47,6 @@ def build_official(path: str, config: dict):
     model.decoder = Decoder(**config["decoder_kwargs"])
     return model.eval()
 
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @torch.no_grad()

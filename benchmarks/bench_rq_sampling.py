@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 import types
 
 import torch
+
+from bench_utils import load_average, median_time as timed
 
 HIDDEN, SPATIAL_LAYERS, DEPTH_LAYERS, HEADS, CLASSES, CODE_DIM = 512, 8, 4, 8, 1000, 256
 
@@ -88,22 +88,6 @@ def build(vocab: int, official_path: str | None):
     return RQTransformerForImageGeneration.from_tokenizer(config, vq).eval(), None
 
 
-def timed(fn, repeats: int, warmup: bool = True) -> float:
-    if warmup:
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def load() -> str:
-    try:
-        return open("/proc/loadavg").read().split()[0]
-    except OSError:
-        return "?"
 
 
 @torch.no_grad()
@@ -117,7 +101,7 @@ def main() -> None:
     parser.add_argument("--no-check", action="store_true", help="skip the greedy equality check against the authors' sampler")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, load average at start {load()}", flush=True)
+    print(f"torch {torch.__version__}, {args.threads} threads, load average at start {load_average()}", flush=True)
 
     rows = []
     for vocab in [int(v) for v in args.vocabs.split(",")]:
@@ -142,8 +126,8 @@ def main() -> None:
                 # the uncached path is slow: time it once, without warm-up
                 t_base = timed(lambda: ours.generate(labels, generator=gen, use_cache=False, **sampling), 1, warmup=False)
                 baseline = "ours, use_cache=False"
-            rows.append((vocab, params, batch, batch / t_ours, batch / t_base, t_base / t_ours, baseline, load()))
-            print(f"vocab {vocab} batch {batch}: ours {t_ours:.2f} s, baseline {t_base:.2f} s (load {load()})", flush=True)
+            rows.append((vocab, params, batch, batch / t_ours, batch / t_base, t_base / t_ours, baseline, load_average()))
+            print(f"vocab {vocab} batch {batch}: ours {t_ours:.2f} s, baseline {t_base:.2f} s (load {load_average()})", flush=True)
 
     print(f"\nRQ-Transformer sampling, 8x8x4 codes, E={HIDDEN}, {SPATIAL_LAYERS}+{DEPTH_LAYERS} layers, {args.threads} threads, "
           f"median of {args.repeats}")

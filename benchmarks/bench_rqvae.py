@@ -13,12 +13,12 @@ at 8x8, embed 256, K 16384, depth 4), and a 64x64 layout (ch 64, ch_mult 1,1,2,2
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 import types
 
 import torch
+
+from bench_utils import median_time as timed
 
 CONFIGS = {
     "f32-256px-w32": dict(ch=32, ch_mult=[1, 1, 2, 2, 4, 4], resolution=256, attn=[8]),
@@ -49,15 +49,6 @@ def load_official_rqvae_class(path: str):
 
     return RQVAE
 
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -108,8 +99,8 @@ def main() -> None:
             rows.append((name, op, args.batch / t_ours, args.batch / t_base, t_base / t_ours, baseline))
 
     print(f"\nRQ-VAE throughput, batch {args.batch}, {args.threads} threads, median of {args.repeats}")
-    print(f"| config | op | ours img/s | baseline img/s | ratio | baseline |")
-    print(f"|---|---|---|---|---|---|")
+    print("| config | op | ours img/s | baseline img/s | ratio | baseline |")
+    print("|---|---|---|---|---|---|")
     for name, op, ours, base, ratio, baseline in rows:
         print(f"| {name} | {op} | {ours:.2f} | {base:.2f} | {ratio:.2f}x | {baseline} |")
 

@@ -1,0 +1,36 @@
+"""Timing helpers shared by the benchmark scripts (imported as a sibling module: run them from any folder)."""
+
+import statistics
+import time
+
+import torch
+
+
+def median_time(fn, repeats: int, device=None, warmup: bool = True) -> float:
+    """Median wall-clock seconds of ``repeats`` calls of ``fn`` after one untimed warm-up call.
+
+    On a CUDA ``device`` each call is followed by a synchronisation, so queued kernels are counted.
+    """
+    cuda = device is not None and torch.device(device).type == "cuda"
+
+    def run():
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+
+    if warmup:
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def load_average() -> str:
+    """The 1-minute load average (timings are only comparable when it is close to the benchmark's threads)."""
+    try:
+        return open("/proc/loadavg").read().split()[0]
+    except OSError:
+        return "?"

@@ -102,16 +102,22 @@ def _device(name: str | None):
     return device
 
 
-def _load_pipeline(name: str, device):
-    from .hub import ModelNotFoundError, load_pipeline
+def _load(loader, what: str, name: str):
+    """``loader(name)`` with its failures turned into one-line CLI errors."""
+    from .hub import ModelNotFoundError
 
     try:
-        pipe = load_pipeline(name)
+        return loader(name)
     except ModelNotFoundError as exc:
         raise CLIError(_one_line(exc)) from None
     except (OSError, ValueError) as exc:
-        raise CLIError(f"could not load model {name!r}: {_one_line(exc)}") from None
-    return pipe.to(device)
+        raise CLIError(f"could not load {what} {name!r}: {_one_line(exc)}") from None
+
+
+def _load_pipeline(name: str, device):
+    from .hub import load_pipeline
+
+    return _load(load_pipeline, "model", name).to(device)
 
 
 def _scalar_or_list(values):
@@ -263,15 +269,9 @@ def _open_images(paths: list[str], size: int | None):
 
 
 def _load_tokenizer(name: str, device):
-    from .hub import ModelNotFoundError, load_tokenizer
+    from .hub import load_tokenizer
 
-    try:
-        model = load_tokenizer(name)
-    except ModelNotFoundError as exc:
-        raise CLIError(_one_line(exc)) from None
-    except (OSError, ValueError) as exc:
-        raise CLIError(f"could not load tokenizer {name!r}: {_one_line(exc)}") from None
-    return model.to(device).eval()
+    return _load(load_tokenizer, "tokenizer", name).to(device).eval()
 
 
 def cmd_reconstruct(args) -> int:

@@ -103,3 +103,22 @@ def require_keys(config: Mapping, keys, where: str) -> None:
     missing = [k for k in keys if k not in config]
     if missing:
         raise CheckpointError(f"{where} is missing required key(s) {missing}")
+
+
+def build_prior_config(config_cls, kwargs: Mapping[str, Any], what: str, id2label: Mapping | None = None):
+    """``config_cls(**kwargs)`` for a converter, with optional class names for ``num_classes`` classes.
+
+    Raises :class:`CheckpointError` when ``id2label`` does not name exactly the classes ``0..num_classes-1``
+    or the config rejects the values (huggingface_hub's strict-dataclass errors are not ``ValueError``\\ s).
+    """
+    kwargs = dict(kwargs)
+    if id2label:
+        id2label = {int(k): str(v) for k, v in id2label.items()}
+        if sorted(id2label) != list(range(kwargs["num_classes"])):
+            raise CheckpointError(
+                f"id2label must name classes 0..{kwargs['num_classes'] - 1}, got {len(id2label)} entries")
+        kwargs["id2label"] = id2label
+    try:
+        return config_cls(**kwargs)
+    except Exception as exc:
+        raise CheckpointError(f"the {what} config is not valid: {exc}") from exc

@@ -24,7 +24,7 @@ from typing import Mapping
 import torch
 
 from ..autoencoder_blocks import taming_to_diffusers
-from ..checkpoint_utils import CheckpointError, check_state_dict, require_keys
+from ..checkpoint_utils import CheckpointError, build_prior_config, check_state_dict, require_keys
 from .entropy import threshold_for_ratio
 
 GATE_TYPES = {"1layer-fc": (1, "silu"), "2layer-fc-SiLu": (2, "silu"), "2layer-fc-ReLu": (2, "relu")}
@@ -437,15 +437,7 @@ def convert_dqtransformer(state_dict: Mapping[str, torch.Tensor], config: Mappin
     from .prior import DQ_GENERATION_DEFAULTS, DQTransformerConfig, DQTransformerForImageGeneration
 
     kwargs = dqtransformer_config_from_official(config)
-    if id2label:
-        id2label = {int(k): str(v) for k, v in id2label.items()}
-        if sorted(id2label) != list(range(kwargs["num_classes"])):
-            raise CheckpointError(f"id2label must name classes 0..{kwargs['num_classes'] - 1}, got {len(id2label)} entries")
-        kwargs["id2label"] = id2label
-    try:
-        cfg = DQTransformerConfig(**kwargs)
-    except Exception as exc:  # huggingface_hub's strict-dataclass errors are not ValueErrors
-        raise CheckpointError(f"the DQ-Transformer config is not valid: {exc}") from exc
+    cfg = build_prior_config(DQTransformerConfig, kwargs, "DQ-Transformer", id2label)
     model = DQTransformerForImageGeneration(cfg)
     if prefix:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("first_stage_model.")}

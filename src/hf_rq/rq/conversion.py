@@ -11,7 +11,7 @@ from typing import Mapping
 import torch
 
 from ..autoencoder_blocks import taming_to_diffusers
-from ..checkpoint_utils import CheckpointError, check_state_dict, require_keys
+from ..checkpoint_utils import CheckpointError, build_prior_config, check_state_dict, require_keys
 from .tokenizer import RQVAEModel
 
 # Keys of the official ``arch`` block that change nothing in the model function.
@@ -259,15 +259,7 @@ def convert_rqtransformer(state_dict: Mapping[str, torch.Tensor], arch: Mapping,
 
     kwargs = rqtransformer_config_from_official(arch, vocab_size=tokenizer.config.codebook_size)
     kwargs["shared_codebook"] = bool(tokenizer.config.shared_codebook)
-    if id2label:
-        id2label = {int(k): str(v) for k, v in id2label.items()}
-        if sorted(id2label) != list(range(kwargs["num_classes"])):
-            raise CheckpointError(f"id2label must name classes 0..{kwargs['num_classes'] - 1}, got {len(id2label)} entries")
-        kwargs["id2label"] = id2label
-    try:
-        config = RQTransformerConfig(**kwargs)
-    except Exception as exc:  # huggingface_hub's strict-dataclass errors are not ValueErrors
-        raise CheckpointError(f"the RQ-Transformer config is not valid: {exc}") from exc
+    config = build_prior_config(RQTransformerConfig, kwargs, "RQ-Transformer", id2label)
     model = RQTransformerForImageGeneration(config)
     converted = convert_rqtransformer_state_dict(state_dict)
     try:

@@ -34,7 +34,8 @@ PRESETS = {
 
 
 def build(preset: str, aux_preset: str, codebook: int, clusters: int, grid: int, device, dtype):
-    from hf_rq.ctf.prior import CTFConfig, CTFForImageGeneration, LlamaGenConfig, LlamaGenForImageGeneration
+    from hf_rq.ctf.llamagen import LlamaGenConfig, LlamaGenForImageGeneration
+    from hf_rq.ctf.prior import CTFConfig, CTFForImageGeneration
 
     def size(name):
         d, n, h = PRESETS[name]

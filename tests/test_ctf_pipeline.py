@@ -108,7 +108,7 @@ def test_llamagen_pipeline_contract(llamagen, capsys):
 def test_llamagen_pipeline_roundtrip(llamagen, tmp_path):
     llamagen.save_pretrained(tmp_path / "pipe")
     index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
-    assert index["transformer"] == ["hf_rq.ctf.prior", "LlamaGenForImageGeneration"]
+    assert index["transformer"] == ["hf_rq.ctf.llamagen", "LlamaGenForImageGeneration"]
     assert index["vqvae"] == ["hf_rq.ctf.tokenizer", "LlamaGenVQModel"]
     expected = llamagen([4, 5], generator=torch.Generator().manual_seed(3), output_type="latent").images
     put_in_hub_cache(tmp_path / "pipe", "hf-rq-test/llamagen-tiny")
@@ -119,6 +119,21 @@ def test_llamagen_pipeline_roundtrip(llamagen, tmp_path):
         got = reloaded(["ostrich", "finch"], generator=torch.Generator().manual_seed(3), output_type="latent").images
         assert torch.equal(got, expected)
 
+
+
+def test_llamagen_folder_saved_before_the_module_split_loads(llamagen, tmp_path):
+    """Folders written before LlamaGen's GPT moved to hf_rq.ctf.llamagen record hf_rq.ctf.prior; they must still load."""
+    llamagen.save_pretrained(tmp_path)
+    index_path = tmp_path / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["transformer"] = ["hf_rq.ctf.prior", "LlamaGenForImageGeneration"]
+    index_path.write_text(json.dumps(index))
+    reloaded = LlamaGenPipeline.from_pretrained(tmp_path)
+    assert type(reloaded.transformer).__name__ == "LlamaGenForImageGeneration"
+    reloaded.set_progress_bar_config(disable=True)
+    expected = llamagen([1], generator=torch.Generator().manual_seed(0), output_type="latent").images
+    got = reloaded([1], generator=torch.Generator().manual_seed(0), output_type="latent").images
+    assert torch.equal(got, expected)
 
 def test_llamagen_generic_loader(llamagen, tmp_path):
     """DiffusionPipeline.from_pretrained(..., custom_pipeline=<shim>, trust_remote_code=True), offline."""

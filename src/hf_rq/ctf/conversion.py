@@ -15,7 +15,8 @@ import torch
 from ..autoencoder_blocks import taming_to_diffusers
 from ..checkpoint_utils import CheckpointError, check_state_dict, load_config_file, load_state_dict
 from .tokenizer import LlamaGenVQModel
-from .prior import CTFAuxiliaryModel, CTFForImageGeneration, LlamaGenConfig, LlamaGenForImageGeneration
+from .llamagen import LlamaGenConfig, LlamaGenForImageGeneration
+from .prior import CTFAuxiliaryModel, CTFForImageGeneration
 
 # ======================================================================================================
 # VQ tokenizer (vq_ds16_c2i.pt, vq_ds8_c2i.pt)

@@ -14,7 +14,8 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from ..image_processing import make_image_grid, postprocess_images
 from ..hub import BundledModelsMixin
 from ..pipeline_utils import ClassLabelsMixin, check_output_type, generation_overrides
-from .prior import CTFForImageGeneration, LlamaGenForImageGeneration
+from .llamagen import LlamaGenForImageGeneration
+from .prior import CTFForImageGeneration
 from .tokenizer import LlamaGenVQModel
 
 __all__ = ["CTFPipeline", "CTFPipelineOutput", "LlamaGenPipeline", "coarse_labels_to_pil"]

@@ -182,7 +182,7 @@ class LlamaGenPriorSpec(PriorSpec):
 
     name = "llamagen"
     tokenizer_module, tokenizer_class = "hf_rq.ctf.tokenizer", "LlamaGenVQModel"
-    prior_module, prior_class, config_class = "hf_rq.ctf.prior", "LlamaGenForImageGeneration", "LlamaGenConfig"
+    prior_module, prior_class, config_class = "hf_rq.ctf.llamagen", "LlamaGenForImageGeneration", "LlamaGenConfig"
     pipeline_module, pipeline_class = "hf_rq.ctf.pipeline", "LlamaGenPipeline"
     needs_labels = True
 

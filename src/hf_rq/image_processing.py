@@ -7,11 +7,50 @@ through the two functions here so that the convention lives in one place.
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable, Sequence
 
 import numpy as np
 import PIL.Image
 import torch
+
+
+# How far outside [-1, 1] a model input may stray before a warning: resampling and augmentation overshoot a little.
+IMAGE_RANGE_TOLERANCE = 1e-2
+
+
+def check_model_images(images, in_channels: int, owner=None, name: str = "images", batch: str = "N") -> None:
+    """The input contract of every tokenizer's ``encode``: a float tensor `(N, in_channels, H, W)` in [-1, 1]
+    (``batch`` names the first axis in messages, as the family's docs do).
+
+    Raises ``TypeError`` for anything else than a float tensor (PIL images and numpy arrays are pointed to
+    :func:`preprocess_images`), ``ValueError`` for a wrong shape or any NaN / inf value (they would silently give
+    codes). Values outside [-1, 1] by more than ``IMAGE_RANGE_TOLERANCE`` (e.g. [0, 255] images) are warned about,
+    once per ``owner`` (the model), since a tokenizer can encode them but was not trained on them.
+    """
+    if isinstance(images, (PIL.Image.Image, np.ndarray)) or (
+            isinstance(images, (list, tuple)) and images and isinstance(images[0], PIL.Image.Image)):
+        raise TypeError(f"{name} must be a float tensor ({batch}, {in_channels}, H, W) in [-1, 1], got "
+                        f"{type(images).__name__}: convert PIL images / numpy arrays with "
+                        "hf_rq.image_processing.preprocess_images first")
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(images).__name__}")
+    if not images.is_floating_point():
+        raise TypeError(f"{name} must be a float tensor in [-1, 1], got dtype {images.dtype}")
+    if images.ndim != 4 or images.shape[1] != in_channels:
+        raise ValueError(f"{name} must have shape ({batch}, {in_channels}, H, W), got {tuple(images.shape)}")
+    if images.numel() == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(images.shape)}")
+    # One reduction and one host sync: NaN propagates through amax and inf is infinite.
+    peak = float(images.detach().abs().amax())
+    if not np.isfinite(peak):
+        raise ValueError(f"{name} contains NaN or inf values; tokenizers take finite values in [-1, 1]")
+    if peak > 1.0 + IMAGE_RANGE_TOLERANCE and not getattr(owner, "_warned_image_range", False):
+        warnings.warn(f"{name} reach |value| = {peak:.3g}, outside the [-1, 1] range tokenizers are trained on (images "
+                      "in [0, 1] or [0, 255] must be mapped with x * 2 - 1 or preprocess_images); this is warned once",
+                      UserWarning, stacklevel=4)
+        if owner is not None:
+            owner._warned_image_range = True
 
 
 def _pil_to_array(image: PIL.Image.Image) -> np.ndarray:
@@ -61,6 +100,8 @@ def preprocess_images(
         tensor = tensor.float() / 255.0 if tensor.dtype == torch.uint8 else tensor.float()
     else:
         raise TypeError(f"unsupported image type {type(images).__name__}")
+    if not torch.isfinite(tensor).all():
+        raise ValueError("images contain NaN or inf values")
     if tensor.min() < 0 or tensor.max() > 1:
         raise ValueError(
             f"image values must lie in [0, 1] (or be uint8), got range [{tensor.min():.3f}, {tensor.max():.3f}]"

@@ -6,6 +6,8 @@ from typing import Mapping, Sequence
 
 import torch
 
+from .sampling_args import check_sampling_value
+
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
@@ -117,5 +119,14 @@ class ClassLabelsMixin:
 
 
 def generation_overrides(**kwargs) -> dict:
-    """The sampling arguments a caller set: None means "keep the prior's saved ``generation_config`` value"."""
-    return {k: v for k, v in kwargs.items() if v is not None}
+    """The sampling arguments a caller set: None means "keep the prior's saved ``generation_config`` value".
+
+    Every value set is checked against the one contract of ``hf_rq.sampling_args`` here, at the pipeline's
+    boundary (before the components are checked or run); the prior's ``generate()`` checks the merged
+    configuration again (a saved ``generation_config`` may hold bad values too). Per-depth lists are checked entry
+    by entry; their length is the prior's business.
+    """
+    overrides = {k: v for k, v in kwargs.items() if v is not None}
+    for name, value in overrides.items():
+        check_sampling_value(name, value, depth=0)
+    return overrides

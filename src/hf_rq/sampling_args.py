@@ -208,8 +208,8 @@ def check_generator(generator, batch_size: int, name: str = "generator"):
             raise TypeError(f"{name}[{bad[0]}] must be a torch.Generator, got {type(g).__name__} {g!r}")
         if len(generator) != batch_size:
             raise ValueError(f"{name} is a list of {len(generator)} generators, but {batch_size} images are sampled "
-                             "(class labels x num_images_per_prompt): pass one torch.Generator per image, or a "
-                             "single torch.Generator for the whole batch")
+                             "(class labels x num_images_per_prompt, or batch_size): pass one torch.Generator per "
+                             "image, or a single torch.Generator for the whole batch")
         return list(generator)
     raise TypeError(f"{name} must be a torch.Generator or a list of them (one per image), got "
                     f"{type(generator).__name__} {generator!r}; e.g. torch.Generator().manual_seed(0)")

@@ -64,56 +64,45 @@ def _type_error(name: str, value, wanted: str) -> TypeError:
     return TypeError(f"{name} must be {wanted}, got {type(value).__name__} {value!r}{hint}")
 
 
-def _real(value, name: str, wanted: str) -> float:
+def _number(value, name: str, default, wanted: str, valid: Callable[[float], bool], why: str = ""):
+    """``default`` for None; else a finite real number with ``valid(value)``, as a float."""
+    if value is None:
+        return default
     if not _is_real(value):
         raise _type_error(name, value, wanted)
     value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name}={value!r}: must be {wanted} (NaN and inf are not)")
+    if not math.isfinite(value) or not valid(value):
+        raise ValueError(f"{name}={value!r}: must be {wanted}{why}")
     return value
 
 
 def check_temperature(value, name: str = "temperature") -> float:
     """A finite number > 0 (None = 1.0)."""
-    if value is None:
-        return 1.0
-    value = _real(value, name, "a finite number > 0")
-    if value <= 0:
-        raise ValueError(f"{name}={value!r}: must be a finite number > 0 (logits are divided by it)")
-    return value
+    return _number(value, name, 1.0, "a finite number > 0", lambda v: v > 0, " (logits are divided by it)")
 
 
 def check_top_k(value, name: str = "top_k") -> int | None:
     """None or 0 = off (returns None), else an integer >= 1."""
+    wanted = "an integer >= 1, or 0 / None for no top-k"
     if value is None:
         return None
     if not _is_int(value):
-        raise _type_error(name, value, "an integer >= 1, or 0 / None for no top-k")
+        raise _type_error(name, value, wanted)
     if value < 0:
-        raise ValueError(f"{name}={value!r}: must be an integer >= 1, or 0 / None for no top-k")
+        raise ValueError(f"{name}={value!r}: must be {wanted}")
     return int(value) or None
 
 
 def check_top_p(value, name: str = "top_p") -> float | None:
     """None = off, else a finite number in (0, 1]."""
-    if value is None:
-        return None
-    value = _real(value, name, "a number in (0, 1], or None for no top-p")
-    if not 0.0 < value <= 1.0:
-        raise ValueError(f"{name}={value!r}: must be in (0, 1], or None for no top-p")
-    return value
+    return _number(value, name, None, "a finite number in (0, 1], or None for no top-p", lambda v: 0.0 < v <= 1.0)
 
 
 def check_guidance_scale(value, name: str = "guidance_scale") -> float:
     """None = 1.0 (no guidance), else a finite number >= 1 (see the module docstring for why not below 1)."""
-    if value is None:
-        return 1.0
-    value = _real(value, name, "a finite number >= 1 (1 = no guidance)")
-    if value < 1.0:
-        raise ValueError(f"{name}={value!r}: must be >= 1 (1 = no guidance, s > 1 = classifier-free guidance "
-                         "uncond + s * (cond - uncond)); scales below 1 are not supported by any family. For "
-                         "unconditional samples pass class_labels=None")
-    return value
+    return _number(value, name, 1.0, "a finite number >= 1", lambda v: v >= 1.0,
+                   " (1 = no guidance, s > 1 = classifier-free guidance uncond + s * (cond - uncond)); scales below 1 "
+                   "are not supported by any family. For unconditional samples pass class_labels=None")
 
 
 def check_cfg_interval(value, name: str = "cfg_interval") -> int:

@@ -362,8 +362,10 @@ def test_out_of_range_images_warn_once():
 def test_preprocess_images_refuses_non_finite_and_takes_pil_numpy():
     from hf_rq.image_processing import preprocess_images
 
-    with pytest.raises(ValueError, match="NaN or inf"):
-        preprocess_images(np.full((8, 8, 3), np.nan, np.float32))
+    with pytest.raises(ValueError, match="mask_image contain NaN or inf"):
+        preprocess_images(np.full((8, 8, 3), np.nan, np.float32), name="mask_image")
+    with pytest.raises(TypeError, match="image: unsupported image type str"):
+        preprocess_images("cat.png", name="image")
     pil = PIL.Image.new("RGB", (8, 8), (255, 0, 0))
     from_pil = preprocess_images(pil)
     assert from_pil.shape == (1, 3, 8, 8) and from_pil[0, 0].eq(1).all() and from_pil[0, 1].eq(-1).all()

@@ -60,8 +60,12 @@ def _pil_to_array(image: PIL.Image.Image) -> np.ndarray:
 def preprocess_images(
     images: torch.Tensor | np.ndarray | PIL.Image.Image | Sequence[PIL.Image.Image],
     size: int | tuple[int, int] | None = None,
+    name: str = "images",
 ) -> torch.Tensor:
-    """Turn images into a float32 tensor `(batch, 3, H, W)` in [-1, 1].
+    """Turn images into a float32 tensor `(batch, 3, H, W)` in [-1, 1] (the input of every tokenizer).
+
+    Pipelines that take images (e.g. an image to edit and its mask) pass them through here, so PIL images, numpy
+    arrays and tensors are accepted the same way everywhere; errors name the argument (``name``).
 
     Args:
         images: a PIL image or list of them; a numpy array `(H, W, 3)` / `(batch, H, W, 3)` in [0, 1]
@@ -69,42 +73,46 @@ def preprocess_images(
             or uint8. Tensors already in [-1, 1] are not accepted here (ambiguous); pass them to the
             model directly.
         size: if given, PIL inputs are resized (bicubic) to this size first.
+        name: the argument's name in error messages.
+
+    Raises ``TypeError`` for other types, ``ValueError`` for a wrong shape, NaN / inf, or values outside the range.
     """
     if isinstance(images, PIL.Image.Image):
         images = [images]
     if isinstance(images, (list, tuple)):
         if not images:
-            raise ValueError("preprocess_images got an empty list of images")
+            raise ValueError(f"{name}: preprocess_images got an empty list of images")
         if not all(isinstance(im, PIL.Image.Image) for im in images):
-            raise TypeError("a list passed to preprocess_images must contain only PIL images")
+            raise TypeError(f"{name}: a list passed to preprocess_images must contain only PIL images")
         if size is not None:
             hw = (size, size) if isinstance(size, int) else tuple(size)
             images = [im.convert("RGB").resize((hw[1], hw[0]), PIL.Image.BICUBIC) for im in images]
         shapes = {im.size for im in images}
         if len(shapes) != 1:
-            raise ValueError(f"all images must have the same size to be batched, got sizes {sorted(shapes)}")
+            raise ValueError(f"{name}: all images must have the same size to be batched, got sizes {sorted(shapes)}")
         images = np.stack([_pil_to_array(im) for im in images])
     if isinstance(images, np.ndarray):
         array = images
         if array.ndim == 3:
             array = array[None]
         if array.ndim != 4 or array.shape[-1] != 3:
-            raise ValueError(f"numpy images must be (H, W, 3) or (batch, H, W, 3), got shape {images.shape}")
+            raise ValueError(f"{name}: numpy images must be (H, W, 3) or (batch, H, W, 3), got shape {images.shape}")
         if array.dtype == np.uint8:
             array = array.astype(np.float32) / 255.0
         tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).permute(0, 3, 1, 2)
     elif isinstance(images, torch.Tensor):
         tensor = images[None] if images.ndim == 3 else images
         if tensor.ndim != 4 or tensor.shape[1] != 3:
-            raise ValueError(f"tensor images must be (3, H, W) or (batch, 3, H, W), got shape {tuple(images.shape)}")
+            raise ValueError(f"{name}: tensor images must be (3, H, W) or (batch, 3, H, W), got shape "
+                             f"{tuple(images.shape)}")
         tensor = tensor.float() / 255.0 if tensor.dtype == torch.uint8 else tensor.float()
     else:
-        raise TypeError(f"unsupported image type {type(images).__name__}")
+        raise TypeError(f"{name}: unsupported image type {type(images).__name__} (PIL images, numpy arrays or tensors)")
     if not torch.isfinite(tensor).all():
-        raise ValueError("images contain NaN or inf values")
+        raise ValueError(f"{name} contain NaN or inf values")
     if tensor.min() < 0 or tensor.max() > 1:
         raise ValueError(
-            f"image values must lie in [0, 1] (or be uint8), got range [{tensor.min():.3f}, {tensor.max():.3f}]"
+            f"{name}: values must lie in [0, 1] (or be uint8), got range [{tensor.min():.3f}, {tensor.max():.3f}]"
         )
     return tensor * 2.0 - 1.0
 

@@ -137,6 +137,8 @@ class LlamaGenVQModel(BundledModelsMixin, ModelMixin, ConfigMixin):
 
         The latent is not normalised (the quantizer does that). With ``return_codes=True`` the output also
         carries the codes `(N, h, w)`.
+        Input contract (``hf_rq.image_processing.check_model_images``): NaN / inf raise ``ValueError``, values
+        outside [-1, 1] are warned about once; PIL / numpy images go through ``preprocess_images`` first.
         """
         self._check_images(images)
         latents = self.quant_conv(self.encoder(images))

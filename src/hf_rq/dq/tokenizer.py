@@ -454,6 +454,8 @@ class DQVAEModel(BundledModelsMixin, ModelMixin, ConfigMixin):
         ``latents`` / ``quantized`` `(B, D, hf, hf)` and the routing details. ``return_codes`` is accepted for
         API symmetry with the other tokenizers; DQ always quantizes (the codes are the point of encoding).
         With ``return_dict=False``: ``(latents, codes, granularity)``.
+        Input contract (``hf_rq.image_processing.check_model_images``): NaN / inf raise ``ValueError``, values
+        outside [-1, 1] are warned about once; PIL / numpy images go through ``preprocess_images`` first.
         """
         self._check_images(images)
         features = self.encoder(images)

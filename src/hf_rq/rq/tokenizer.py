@@ -117,6 +117,8 @@ class RQVAEModel(BundledModelsMixin, ModelMixin, ConfigMixin):
         """Encode images `(N, 3, H, W)` in [-1, 1] to the continuous latent `(N, embed_dim, h, w)`.
 
         With ``return_codes=True`` the output also carries the codes `(N, h, w, D)`.
+        Input contract (``hf_rq.image_processing.check_model_images``): NaN / inf raise ``ValueError``, values
+        outside [-1, 1] are warned about once; PIL / numpy images go through ``preprocess_images`` first.
         """
         self._check_images(images)
         latents = self.quant_conv(self.encoder(images))

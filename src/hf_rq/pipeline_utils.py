@@ -128,5 +128,6 @@ def generation_overrides(**kwargs) -> dict:
     """
     overrides = {k: v for k, v in kwargs.items() if v is not None}
     for name, value in overrides.items():
-        check_sampling_value(name, value, depth=0)
+        # A list's entries are checked here; whether the prior takes per-depth lists, and of which length, there.
+        check_sampling_value(name, value, depth=len(value) if isinstance(value, (list, tuple)) else None)
     return overrides

@@ -155,16 +155,12 @@ def check_sampling_value(name: str, value, depth: int | None = None):
     """Check one sampling argument by its name (see the module docstring); returns the normalised value.
 
     With ``depth`` (a prior with several codes per position), ``temperature`` / ``top_k`` / ``top_p`` may be
-    per-depth lists and come back as lists of length ``depth``; with ``depth=0`` a list is checked entry by entry
-    but its length is left to the prior (a pipeline that does not know the depth). Unknown names pass unchanged.
+    per-depth lists and come back as lists of length ``depth``. Unknown names pass unchanged.
     """
     rule = _RULES.get(name)
     if rule is None:
         return value
     if depth is not None and name in PER_DEPTH_ARGUMENTS:
-        if depth == 0:
-            return [rule(v, f"{name}[{d}]") for d, v in enumerate(value)] if isinstance(value, (list, tuple)) \
-                else rule(value, name)
         return per_depth(value, depth, name, rule)
     return rule(value, name)
 

@@ -33,9 +33,10 @@ from transformers import initialization as init
 from transformers.modeling_outputs import MaskedLMOutput
 from transformers.utils import ModelOutput
 
+from ..sampling_args import check_generator, validate_generation_config
+
 # LlamaGen's GPT moved to .llamagen; these names stay importable from here because saved pipeline folders
 # (model_index.json) and older scripts record ``hf_rq.ctf.prior``.
-from ..sampling_args import check_generator, validate_generation_config
 from .llamagen import (  # noqa: F401
     LlamaGenConfig,
     LlamaGenForImageGeneration,

@@ -34,7 +34,7 @@ from transformers import AutoConfig, AutoModel, DynamicCache, GenerationConfig, 
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from ..pipeline_utils import resolve_class_labels
+from ..pipeline_utils import resolve_generation_labels
 from ..sampling import sample_tokens, top_k_logits
 from ..sampling_args import check_generator, validate_generation_config
 from ..transformer_blocks import GPTStack
@@ -468,7 +468,7 @@ class DQTransformerForImageGeneration(DQTransformerPreTrainedModel, GenerationMi
         do_sample, temperature, top_k, top_p, pos_top_k, pos_top_p = (args[k] for k in (
             "do_sample", "temperature", "top_k", "top_p", "position_top_k", "position_top_p"))
         device = self.content_embedding.weight.device
-        ids = self._generation_class_ids(class_labels, batch_size, device)
+        ids = resolve_generation_labels(class_labels, batch_size, self.config, device)
         B = ids.numel()
         generator = check_generator(generator, B)
         if isinstance(generator, list):
@@ -608,19 +608,6 @@ class DQTransformerForImageGeneration(DQTransformerPreTrainedModel, GenerationMi
         tokens = DQTokens(stack("coarse_content", v.content_pad), stack("coarse_position", v.coarse_pad),
                           stack("fine_content", v.content_pad), stack("fine_position", v.fine_pad))
         return DQTransformerGenerateOutput(codes=codes, granularity=granularity, tokens=tokens)
-
-    def _generation_class_ids(self, class_labels, batch_size, device) -> torch.LongTensor:
-        c = self.config
-        id2label = c.id2label if c.id2label and len(c.id2label) == c.num_classes else None
-        labels = resolve_class_labels(class_labels, c.num_classes, id2label, device=device)
-        if labels is None:
-            n = 1 if batch_size is None else batch_size
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-            return torch.zeros(n, dtype=torch.long, device=device)
-        if batch_size is not None and batch_size != labels.numel():
-            raise ValueError(f"batch_size={batch_size} disagrees with the {labels.numel()} class labels given")
-        return labels
 
     def _remaining_fine_positions(self, coarse_up: torch.Tensor) -> torch.LongTensor:
         """``fix_fine_position``: per image every fine cell outside the sampled coarse cells in permuter order, then

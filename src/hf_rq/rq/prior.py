@@ -27,7 +27,7 @@ from transformers import AutoConfig, AutoModel, DynamicCache, GenerationConfig, 
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from ..pipeline_utils import resolve_class_labels
+from ..pipeline_utils import resolve_generation_labels
 from ..sampling import multinomial_rows, top_k_logits, uniform_rows
 from ..sampling_args import check_generator, validate_generation_config
 from ..transformer_blocks import GPTStack
@@ -382,16 +382,7 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
     def _prepare_generation(self, class_labels, batch_size, guidance_scale):
         """Class rows `(B,)` for the decoding batch (conditional rows, then null rows under guidance)."""
         c = self.config
-        device = self.code_embeddings.device
-        id2label = c.id2label if c.id2label and len(c.id2label) == c.num_classes else None
-        labels = resolve_class_labels(class_labels, c.num_classes, id2label, device=device)
-        if labels is None:
-            n = 1 if batch_size is None else batch_size
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-            labels = torch.zeros(n, dtype=torch.long, device=device)
-        elif batch_size is not None and batch_size != labels.numel():
-            raise ValueError(f"batch_size={batch_size} disagrees with the {labels.numel()} class labels given")
+        labels = resolve_generation_labels(class_labels, batch_size, c, self.code_embeddings.device)
         use_cfg = guidance_scale > 1.0  # checked by hf_rq.sampling_args: a finite number >= 1
         if use_cfg:
             if c.num_classes == 0:

@@ -54,19 +54,25 @@ def _json(path: Path):
     return json.loads(path.read_text())
 
 
+def tiny_rq_config(**overrides):
+    """A small RQ prior on the reference RQ-VAE's code grid (8x8x4, K=64, C=16)."""
+    from hf_rq import RQTransformerConfig
+
+    kw = dict(codebook_size=64, grid_height=8, grid_width=8, code_depth=4, code_embed_dim=16, hidden_size=32,
+              num_spatial_layers=1, num_depth_layers=1, num_attention_heads=2, num_classes=10)
+    return RQTransformerConfig(**{**kw, **overrides})
+
+
 @functools.lru_cache(maxsize=None)
 def rq_pipeline(null_class: bool = False):
-    from hf_rq import RQTransformerConfig, RQTransformerForImageGeneration, RQTransformerPipeline
+    from hf_rq import RQTransformerForImageGeneration, RQTransformerPipeline
     from hf_rq.rq.conversion import convert_rqtransformer, convert_rqvae
 
     d = FIXTURES / "rq"
     vqvae = convert_rqvae(load_file(d / "rqvae.safetensors"), _json(d / "rqvae_config.json"))
     if null_class:  # a small random prior with a null class, so that guidance runs
         torch.manual_seed(0)
-        config = RQTransformerConfig(codebook_size=64, grid_height=8, grid_width=8, code_depth=4, code_embed_dim=16,
-                                     hidden_size=32, num_spatial_layers=1, num_depth_layers=1, num_attention_heads=2,
-                                     num_classes=10, use_null_class=True)
-        prior = RQTransformerForImageGeneration.from_tokenizer(config, vqvae).eval()
+        prior = RQTransformerForImageGeneration.from_tokenizer(tiny_rq_config(use_null_class=True), vqvae).eval()
     else:
         prior = convert_rqtransformer(load_file(d / "rqtransformer.safetensors"), _json(d / "rqtransformer_config.json"),
                                       vqvae)
@@ -303,6 +309,24 @@ def test_generator_list_dq_per_image():
     assert torch.equal(out.tokens.fine_position[1, :n], alone.tokens.fine_position[0])
     with pytest.raises(ValueError, match="output_scores"):
         prior.generate([2, 5], generator=[g(1), g(2)], output_scores=True)
+
+
+def test_generator_list_unconditional_priors():
+    """batch_size images of an unconditional prior with one generator each (DQ: the per-image path)."""
+    from hf_rq import DQTransformerConfig, DQTransformerForImageGeneration, RQTransformerForImageGeneration
+
+    torch.manual_seed(0)
+    dq = DQTransformerForImageGeneration(DQTransformerConfig(
+        codebook_size=16, coarse_grid_size=4, num_classes=0, hidden_size=32, num_position_layers=1,
+        num_content_layers=1, num_attention_heads=2, max_position_embeddings=90)).eval()
+    rq = RQTransformerForImageGeneration.from_tokenizer(tiny_rq_config(num_classes=0), rq_pipeline().vqvae).eval()
+    g = lambda s: torch.Generator().manual_seed(s)  # noqa: E731 - a fresh generator per call
+    codes, granularity = dq.generate(batch_size=2, generator=[g(1), g(2)])
+    alone = dq.generate(batch_size=1, generator=g(2))
+    assert torch.equal(codes[1:], alone[0]) and torch.equal(granularity[1:], alone[1])
+    assert torch.equal(rq.generate(batch_size=2, generator=[g(1), g(2)])[1:], rq.generate(generator=g(2)))
+    with no_model_code(), pytest.raises(ValueError, match="list of 2 generators, but 3 images"):
+        dq.generate(batch_size=3, generator=[g(1), g(2)])
 
 
 def test_generator_list_through_pipelines():

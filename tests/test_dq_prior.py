@@ -177,8 +177,8 @@ def test_bad_inputs(prior, tf, dq):
         prior.generate(class_labels=[1], top_kk=3)
     with pytest.raises(ValueError, match="classifier-free guidance"):
         prior.generate(class_labels=[1], guidance_scale=2.0)
-    with pytest.raises(ValueError, match="top_k must be a positive integer"):
-        prior.generate(class_labels=[1], top_k=0)
+    with pytest.raises(ValueError, match="top_k=-1: must be an integer >= 1"):
+        prior.generate(class_labels=[1], top_k=-1)  # 0 means "no top-k" in every family (hf_rq.sampling_args)
     with pytest.raises(ValueError, match="batch_size=2 disagrees"):
         prior.generate(class_labels=[1], batch_size=2)
     vae = load_file(dq / "vae_entropy_outputs.safetensors")

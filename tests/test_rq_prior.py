@@ -197,7 +197,7 @@ def test_bad_generate_inputs(prior, uncond_prior):
     with pytest.raises(ValueError, match="temperature"):
         prior.generate([1], temperature=[1.0, 1.0, 0.0, 1.0])
     with pytest.raises(ValueError, match="top_k"):
-        prior.generate([1], top_k=0)
+        prior.generate([1], top_k=-1)  # 0 means "no top-k" in every family (hf_rq.sampling_args)
     with pytest.raises(TypeError, match="unexpected"):
         prior.generate([1], topk=5)
     with pytest.raises(ValueError, match="batch_size"):

@@ -7,11 +7,50 @@ through the two functions here so that the convention lives in one place.
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable, Sequence
 
 import numpy as np
 import PIL.Image
 import torch
+
+
+# How far outside [-1, 1] a model input may stray before a warning: resampling and augmentation overshoot a little.
+IMAGE_RANGE_TOLERANCE = 1e-2
+
+
+def check_model_images(images, in_channels: int, owner=None, name: str = "images", batch: str = "N") -> None:
+    """The input contract of every tokenizer's ``encode``: a float tensor `(N, in_channels, H, W)` in [-1, 1]
+    (``batch`` names the first axis in messages, as the family's docs do).
+
+    Raises ``TypeError`` for anything else than a float tensor (PIL images and numpy arrays are pointed to
+    :func:`preprocess_images`), ``ValueError`` for a wrong shape or any NaN / inf value (they would silently give
+    codes). Values outside [-1, 1] by more than ``IMAGE_RANGE_TOLERANCE`` (e.g. [0, 255] images) are warned about,
+    once per ``owner`` (the model), since a tokenizer can encode them but was not trained on them.
+    """
+    if isinstance(images, (PIL.Image.Image, np.ndarray)) or (
+            isinstance(images, (list, tuple)) and images and isinstance(images[0], PIL.Image.Image)):
+        raise TypeError(f"{name} must be a float tensor ({batch}, {in_channels}, H, W) in [-1, 1], got "
+                        f"{type(images).__name__}: convert PIL images / numpy arrays with "
+                        "hf_rq.image_processing.preprocess_images first")
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(images).__name__}")
+    if not images.is_floating_point():
+        raise TypeError(f"{name} must be a float tensor in [-1, 1], got dtype {images.dtype}")
+    if images.ndim != 4 or images.shape[1] != in_channels:
+        raise ValueError(f"{name} must have shape ({batch}, {in_channels}, H, W), got {tuple(images.shape)}")
+    if images.numel() == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(images.shape)}")
+    # One reduction and one host sync: NaN propagates through amax and inf is infinite.
+    peak = float(images.detach().abs().amax())
+    if not np.isfinite(peak):
+        raise ValueError(f"{name} contains NaN or inf values; tokenizers take finite values in [-1, 1]")
+    if peak > 1.0 + IMAGE_RANGE_TOLERANCE and not getattr(owner, "_warned_image_range", False):
+        warnings.warn(f"{name} reach |value| = {peak:.3g}, outside the [-1, 1] range tokenizers are trained on (images "
+                      "in [0, 1] or [0, 255] must be mapped with x * 2 - 1 or preprocess_images); this is warned once",
+                      UserWarning, stacklevel=4)
+        if owner is not None:
+            owner._warned_image_range = True
 
 
 def _pil_to_array(image: PIL.Image.Image) -> np.ndarray:
@@ -21,8 +60,12 @@ def _pil_to_array(image: PIL.Image.Image) -> np.ndarray:
 def preprocess_images(
     images: torch.Tensor | np.ndarray | PIL.Image.Image | Sequence[PIL.Image.Image],
     size: int | tuple[int, int] | None = None,
+    name: str = "images",
 ) -> torch.Tensor:
-    """Turn images into a float32 tensor `(batch, 3, H, W)` in [-1, 1].
+    """Turn images into a float32 tensor `(batch, 3, H, W)` in [-1, 1] (the input of every tokenizer).
+
+    Pipelines that take images (e.g. an image to edit and its mask) pass them through here, so PIL images, numpy
+    arrays and tensors are accepted the same way everywhere; errors name the argument (``name``).
 
     Args:
         images: a PIL image or list of them; a numpy array `(H, W, 3)` / `(batch, H, W, 3)` in [0, 1]
@@ -30,40 +73,46 @@ def preprocess_images(
             or uint8. Tensors already in [-1, 1] are not accepted here (ambiguous); pass them to the
             model directly.
         size: if given, PIL inputs are resized (bicubic) to this size first.
+        name: the argument's name in error messages.
+
+    Raises ``TypeError`` for other types, ``ValueError`` for a wrong shape, NaN / inf, or values outside the range.
     """
     if isinstance(images, PIL.Image.Image):
         images = [images]
     if isinstance(images, (list, tuple)):
         if not images:
-            raise ValueError("preprocess_images got an empty list of images")
+            raise ValueError(f"{name}: preprocess_images got an empty list of images")
         if not all(isinstance(im, PIL.Image.Image) for im in images):
-            raise TypeError("a list passed to preprocess_images must contain only PIL images")
+            raise TypeError(f"{name}: a list passed to preprocess_images must contain only PIL images")
         if size is not None:
             hw = (size, size) if isinstance(size, int) else tuple(size)
             images = [im.convert("RGB").resize((hw[1], hw[0]), PIL.Image.BICUBIC) for im in images]
         shapes = {im.size for im in images}
         if len(shapes) != 1:
-            raise ValueError(f"all images must have the same size to be batched, got sizes {sorted(shapes)}")
+            raise ValueError(f"{name}: all images must have the same size to be batched, got sizes {sorted(shapes)}")
         images = np.stack([_pil_to_array(im) for im in images])
     if isinstance(images, np.ndarray):
         array = images
         if array.ndim == 3:
             array = array[None]
         if array.ndim != 4 or array.shape[-1] != 3:
-            raise ValueError(f"numpy images must be (H, W, 3) or (batch, H, W, 3), got shape {images.shape}")
+            raise ValueError(f"{name}: numpy images must be (H, W, 3) or (batch, H, W, 3), got shape {images.shape}")
         if array.dtype == np.uint8:
             array = array.astype(np.float32) / 255.0
         tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).permute(0, 3, 1, 2)
     elif isinstance(images, torch.Tensor):
         tensor = images[None] if images.ndim == 3 else images
         if tensor.ndim != 4 or tensor.shape[1] != 3:
-            raise ValueError(f"tensor images must be (3, H, W) or (batch, 3, H, W), got shape {tuple(images.shape)}")
+            raise ValueError(f"{name}: tensor images must be (3, H, W) or (batch, 3, H, W), got shape "
+                             f"{tuple(images.shape)}")
         tensor = tensor.float() / 255.0 if tensor.dtype == torch.uint8 else tensor.float()
     else:
-        raise TypeError(f"unsupported image type {type(images).__name__}")
+        raise TypeError(f"{name}: unsupported image type {type(images).__name__} (PIL images, numpy arrays or tensors)")
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{name} contain NaN or inf values")
     if tensor.min() < 0 or tensor.max() > 1:
         raise ValueError(
-            f"image values must lie in [0, 1] (or be uint8), got range [{tensor.min():.3f}, {tensor.max():.3f}]"
+            f"{name}: values must lie in [0, 1] (or be uint8), got range [{tensor.min():.3f}, {tensor.max():.3f}]"
         )
     return tensor * 2.0 - 1.0
 

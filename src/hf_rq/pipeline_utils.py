@@ -6,6 +6,8 @@ from typing import Mapping, Sequence
 
 import torch
 
+from .sampling_args import check_sampling_value
+
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
@@ -78,6 +80,25 @@ def resolve_class_labels(
     return labels.repeat_interleave(num_images_per_prompt)
 
 
+def resolve_generation_labels(class_labels, batch_size, config, device=None) -> torch.LongTensor:
+    """A prior's ``generate(class_labels, batch_size)`` -> class ids `(N,)` (names via ``config.id2label``).
+
+    For an unconditional model (``config.num_classes == 0``) the ids are ``batch_size`` zeros (default 1): the
+    row of its start token. ``batch_size``, if given with labels, must equal their number.
+    """
+    c = config
+    id2label = c.id2label if c.id2label and len(c.id2label) == c.num_classes else None
+    labels = resolve_class_labels(class_labels, c.num_classes, id2label, device=device)
+    if labels is None:
+        n = 1 if batch_size is None else batch_size
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        return torch.zeros(n, dtype=torch.long, device=device)
+    if batch_size is not None and batch_size != labels.numel():
+        raise ValueError(f"batch_size={batch_size} disagrees with the {labels.numel()} class labels given")
+    return labels
+
+
 def check_output_type(output_type: str) -> None:
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
@@ -117,5 +138,15 @@ class ClassLabelsMixin:
 
 
 def generation_overrides(**kwargs) -> dict:
-    """The sampling arguments a caller set: None means "keep the prior's saved ``generation_config`` value"."""
-    return {k: v for k, v in kwargs.items() if v is not None}
+    """The sampling arguments a caller set: None means "keep the prior's saved ``generation_config`` value".
+
+    Every value set is checked against the one contract of ``hf_rq.sampling_args`` here, at the pipeline's
+    boundary (before the components are checked or run); the prior's ``generate()`` checks the merged
+    configuration again (a saved ``generation_config`` may hold bad values too). Per-depth lists are checked entry
+    by entry; their length is the prior's business.
+    """
+    overrides = {k: v for k, v in kwargs.items() if v is not None}
+    for name, value in overrides.items():
+        # A list's entries are checked here; whether the prior takes per-depth lists, and of which length, there.
+        check_sampling_value(name, value, depth=len(value) if isinstance(value, (list, tuple)) else None)
+    return overrides

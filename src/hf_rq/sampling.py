@@ -6,6 +6,10 @@ the authors' order, which differs between families, so each is a separate small 
 * RQ-Transformer (``rq_filter_probs``): temperature, top-k on logits (ties at the k-th value kept),
   softmax, then top-p on probabilities dropping a token once the mass *before* it reaches ``p``.
 * LlamaGen / CTF: see ``hf_rq.ctf``; they reuse :func:`top_k_logits` and :func:`sample_tokens`.
+
+The draws go through :func:`multinomial_rows` / :func:`uniform_rows`, which take one generator or a list with one
+generator per image (the contract of ``hf_rq.sampling_args.check_generator``). Which values the arguments may
+take is checked once, for every family, in ``hf_rq.sampling_args``.
 """
 
 from __future__ import annotations
@@ -44,58 +48,42 @@ def rq_filter_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int |
     return top_p_probs(probs, top_p)
 
 
-def sample_tokens(probs: torch.Tensor, generator: torch.Generator | None = None, do_sample: bool = True) -> torch.LongTensor:
-    """Draw one token per row of `probs` `(B, K)` (arg-max when ``do_sample=False``); returns `(B,)`."""
+def multinomial_rows(probs: torch.Tensor, generator=None) -> torch.LongTensor:
+    """One ``torch.multinomial`` draw per row of `probs` `(B, K)`; returns `(B,)`.
+
+    ``generator``: None, one ``torch.Generator``, or a list of ``B`` of them (row ``i`` draws from
+    ``generator[i]``, so an image's draws do not depend on the rest of the batch). The draw happens where the
+    generator lives, so a CPU generator can drive a model on another device (as diffusers' ``randn_tensor``).
+    """
+    if isinstance(generator, list):
+        if len(generator) != probs.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for {probs.shape[0]} rows")
+        return torch.cat([multinomial_rows(probs[i:i + 1], g) for i, g in enumerate(generator)])
+    device = probs.device if generator is None else generator.device
+    return torch.multinomial(probs.to(device), 1, generator=generator).squeeze(-1).to(probs.device)
+
+
+def uniform_rows(num_rows: int, generator=None, device=None) -> torch.Tensor:
+    """`(num_rows, 1)` uniform numbers in [0, 1) on ``device``, drawn where the generator lives.
+
+    With a list of ``G`` generators the rows are ``G`` consecutive equal blocks (one image's rows each), block
+    ``i`` drawn from ``generator[i]``.
+    """
+    if isinstance(generator, list):
+        if not generator or num_rows % len(generator):
+            raise ValueError(f"{num_rows} rows cannot be split evenly over {len(generator)} generators")
+        per = num_rows // len(generator)
+        return torch.cat([uniform_rows(per, g, device) for g in generator])
+    draw_device = device if generator is None else generator.device
+    u = torch.rand(num_rows, 1, generator=generator, device=draw_device)
+    return u if device is None else u.to(device)
+
+
+def sample_tokens(probs: torch.Tensor, generator=None, do_sample: bool = True) -> torch.LongTensor:
+    """Draw one token per row of `probs` `(B, K)` (arg-max when ``do_sample=False``); returns `(B,)`.
+
+    ``generator``: as in :func:`multinomial_rows` (a list gives row ``i`` its own generator).
+    """
     if not do_sample:
         return probs.argmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def per_depth(value, depth: int, name: str, check=None) -> list:
-    """Expand a scalar or per-depth list to a list of length ``depth``, validating each entry.
-
-    ``check(v)`` returns an error message for a bad entry, or None.
-    """
-    values = list(value) if isinstance(value, (list, tuple)) else [value] * depth
-    if len(values) != depth:
-        raise ValueError(f"{name} was given as a list of length {len(values)}; it must have one entry per code depth ({depth})")
-    if check is not None:
-        for v in values:
-            message = check(v)
-            if message:
-                raise ValueError(f"{name}={v!r}: {message}")
-    return values
-
-
-def check_temperature(v) -> str | None:
-    if v is None:
-        return None
-    if not isinstance(v, (int, float)) or v <= 0:
-        return "temperature must be a positive number"
-    return None
-
-
-def check_top_k(v) -> str | None:
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        return "top_k must be a positive integer (or None for no top-k)"
-    return None
-
-
-def check_top_p(v) -> str | None:
-    if v is None:
-        return None
-    if not isinstance(v, (int, float)) or not 0 < v <= 1:
-        return "top_p must be in (0, 1] (or None for no top-p)"
-    return None
-
-
-def validate_sampling_args(temperature, top_k, top_p, depth: int = 1) -> tuple[list, list, list]:
-    """Validate and expand temperature / top_k / top_p (numbers or per-depth lists) to per-depth lists."""
-    return (
-        per_depth(temperature, depth, "temperature", check_temperature),
-        per_depth(top_k, depth, "top_k", check_top_k),
-        per_depth(top_p, depth, "top_p", check_top_p),
-    )
-
+    return multinomial_rows(probs, generator)

@@ -26,7 +26,8 @@ from transformers.utils import ModelOutput
 
 from ..hub import BundledModelsMixin
 from ..llama_blocks import LlamaGenBlock, LlamaRMSNorm, llamagen_ffn_hidden_size, precompute_2d_rotary
-from ..sampling import check_temperature, check_top_k, check_top_p, sample_tokens, top_k_logits
+from ..sampling import sample_tokens, top_k_logits, uniform_rows
+from ..sampling_args import check_generator, validate_generation_config
 
 __all__ = [
     "LlamaGenConfig",
@@ -189,38 +190,22 @@ def llamagen_logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top
     return logits.softmax(dim=-1)
 
 
-def sample_by_inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.LongTensor:
+def sample_by_inverse_cdf(probs: torch.Tensor, generator=None) -> torch.LongTensor:
     """One draw per row of `probs` `(R, V)` from a single uniform number per row (inverse CDF); returns `(R,)`.
 
     Same distribution as ``torch.multinomial(probs, 1)``, which on CPU draws one exponential number per
     *entry*: for CTF's stage 2 (every position of every image over the whole codebook at once) that is
-    most of the sampling time. ``right=True`` never lands on a zero-probability entry.
+    most of the sampling time. ``right=True`` never lands on a zero-probability entry. ``generator``: one
+    ``torch.Generator``, or a list of ``G`` whose ``i``-th draws the ``i``-th of ``G`` equal blocks of rows (one image's).
     """
     cdf = probs.float().cumsum(dim=-1)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    u = uniform_rows(cdf.shape[0], generator, cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
 def _cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
     # LlamaGen's formula, with its operation order (bit-level parity of the seeded draws depends on it).
     return uncond + (cond - uncond) * scale
-
-
-def _check_sampling(temperature, top_k, top_p, guidance_scale, prefix: str = "") -> None:
-    for check, name, value in ((check_temperature, "temperature", temperature), (check_top_k, "top_k", top_k),
-                               (check_top_p, "top_p", top_p)):
-        message = check(value)
-        if message:
-            raise ValueError(f"{prefix}{name}={value!r}: {message}")
-    if guidance_scale is not None and (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float))
-                                       or guidance_scale < 1.0):
-        raise ValueError(f"{prefix}guidance_scale={guidance_scale!r}: must be a number >= 1 (1 = no guidance; "
-                         "LlamaGen applies classifier-free guidance only above 1)")
-
-
-def _top_k_or_none(value):
-    # LlamaGen spells "no top-k" as 0.
-    return None if value in (None, 0) else value
 
 
 def _prepare_generation_config(model, generation_config, kwargs: dict, allowed: tuple) -> GenerationConfig:
@@ -513,30 +498,27 @@ class LlamaGenForImageGeneration(LlamaGenPreTrainedModel, GenerationMixin):
             class_labels: class ids `(B,)` (list or tensor). ``None`` samples unconditionally from the null
                 class (give ``batch_size``).
             generation_config: defaults (``self.generation_config`` if None); ``kwargs`` override a copy:
-                ``do_sample`` (False = greedy), ``temperature``, ``top_k`` (None or 0 = off), ``top_p`` (None or
-                1.0 = off), ``guidance_scale`` (LlamaGen's CFG ``uncond + s (cond - uncond)``, applied when
-                ``> 1``), ``cfg_interval`` (-1 = always; ``c`` keeps CFG for tokens ``0 .. c + 1``),
-                ``return_dict_in_generate``, ``output_logits``.
-            generator: a ``torch.Generator`` on the model's device; the only random draws are one
+                ``do_sample`` (False = greedy; unset = sample), ``temperature``, ``top_k`` (None or 0 = off),
+                ``top_p`` (None or 1.0 = off), ``guidance_scale`` (None or >= 1: LlamaGen's CFG
+                ``uncond + s (cond - uncond)``, applied when ``> 1``; below 1 is an error, as in every family),
+                ``cfg_interval`` (-1 = always; ``c`` keeps CFG for tokens ``0 .. c + 1``), ``return_dict_in_generate``,
+                ``output_logits``. Ranges: ``hf_rq.sampling_args``.
+            generator: a ``torch.Generator`` (the draws happen on its device); the only random draws are one
                 ``torch.multinomial`` per token on the `(B, vocab)` probabilities, so a generator seeded like
-                ``torch.manual_seed(s)`` reproduces LlamaGen's samples.
+                ``torch.manual_seed(s)`` reproduces LlamaGen's samples. A list of ``B`` generators gives each image
+                its own (image ``i`` draws its row from ``generator[i]``: the same image whatever the batch).
             progress_bar: optional callable wrapping the loop over token positions.
 
         Returns codes `(B, grid, grid)` int64, or a :class:`LlamaGenGenerationOutput`.
         """
         gc = _prepare_generation_config(self, generation_config, kwargs, self._GENERATE_ARGS)
-        temperature = 1.0 if gc.temperature is None else gc.temperature
-        top_k, top_p = _top_k_or_none(gc.top_k), gc.top_p
-        guidance = 1.0 if gc.guidance_scale is None else gc.guidance_scale
-        cfg_interval = getattr(gc, "cfg_interval", -1)
-        cfg_interval = -1 if cfg_interval is None else cfg_interval
-        _check_sampling(temperature, top_k, top_p, guidance)
-        if isinstance(cfg_interval, bool) or not isinstance(cfg_interval, int) or cfg_interval < -1:
-            raise ValueError(f"cfg_interval={cfg_interval!r}: must be an integer >= -1 (-1 = guidance at every token)")
+        a = validate_generation_config(gc, self._GENERATE_ARGS)  # the contract of every family (hf_rq.sampling_args)
         labels = _class_label_tensor(class_labels, batch_size, self.config.num_classes, self.config.null_class_id,
                                      self.device)
-        tokens, logits = self._sample_tokens(labels, bool(gc.do_sample), temperature, top_k, top_p, float(guidance),
-                                             cfg_interval, generator, progress_bar, bool(gc.output_logits))
+        generator = check_generator(generator, labels.numel())
+        tokens, logits = self._sample_tokens(labels, a["do_sample"], a["temperature"], a["top_k"], a["top_p"],
+                                             a["guidance_scale"], a["cfg_interval"], generator, progress_bar,
+                                             a["output_logits"])
         grid = self.config.grid_size
         codes = tokens.view(-1, grid, grid)
         if gc.return_dict_in_generate:

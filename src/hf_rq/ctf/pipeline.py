@@ -68,7 +68,7 @@ class LlamaGenPipeline(_LlamaGenFamilyPipeline):
         self,
         class_labels: int | str | list[int | str] | torch.LongTensor | None = None,
         num_images_per_prompt: int = 1,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         guidance_scale: float | None = None,
         cfg_interval: int | None = None,
         temperature: float | None = None,
@@ -84,8 +84,10 @@ class LlamaGenPipeline(_LlamaGenFamilyPipeline):
             class_labels: class ids or names (``transformer.config.id2label``), one per image; None samples
                 ``num_images_per_prompt`` unconditional images from the null class.
             num_images_per_prompt (`int`): images per label.
-            generator (`torch.Generator`, *optional*): the same generator state gives the same images.
-            guidance_scale (`float`): LlamaGen's classifier-free guidance (applied when > 1).
+            generator (`torch.Generator` or a list of them, *optional*): the same generator state gives the same
+                images; a list holds one generator per image (image ``i`` then depends on ``generator[i]`` only).
+            guidance_scale (`float`): LlamaGen's classifier-free guidance, >= 1 (1 = off; below 1 is an error in
+                every family, see ``hf_rq.sampling_args``).
             cfg_interval (`int`): -1 keeps guidance for every token; ``c`` for tokens ``0 .. c + 1`` only.
             temperature, top_k, top_p: LlamaGen's sampling filters (0 / 1.0 / None switch top-k / top-p off).
             do_sample (`bool`): False picks the most likely code at every step.
@@ -192,7 +194,7 @@ class CTFPipeline(_LlamaGenFamilyPipeline):
         self,
         class_labels: int | str | list[int | str] | torch.LongTensor | None = None,
         num_images_per_prompt: int = 1,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         guidance_scale: float | None = None,
         cfg_interval: int | None = None,
         temperature: float | None = None,
@@ -214,7 +216,8 @@ class CTFPipeline(_LlamaGenFamilyPipeline):
             class_labels: class ids or names (``transformer.config.id2label``), one per image; None samples
                 ``num_images_per_prompt`` unconditional images from the null class.
             num_images_per_prompt (`int`): images per label.
-            generator (`torch.Generator`, *optional*): the same generator state gives the same images.
+            generator (`torch.Generator` or a list of them, *optional*): the same generator state gives the same
+                images; a list holds one generator per image (image ``i`` then depends on ``generator[i]`` only).
             guidance_scale, cfg_interval, temperature, top_k, top_p: stage 1 (coarse labels); the paper's
                 defaults are CFG 2.0 and temperature tau1 = 1.1.
             fine_temperature, fine_top_k, fine_top_p, fine_guidance_scale: stage 2 (fine codes); tau2 = 1.1,

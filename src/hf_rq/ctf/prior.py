@@ -33,6 +33,8 @@ from transformers import initialization as init
 from transformers.modeling_outputs import MaskedLMOutput
 from transformers.utils import ModelOutput
 
+from ..sampling_args import check_generator, validate_generation_config
+
 # LlamaGen's GPT moved to .llamagen; these names stay importable from here because saved pipeline folders
 # (model_index.json) and older scripts record ``hf_rq.ctf.prior``.
 from .llamagen import (  # noqa: F401
@@ -43,11 +45,9 @@ from .llamagen import (  # noqa: F401
     LlamaGenOutputHead,
     LlamaGenPreTrainedModel,
     _cfg_combine,
-    _check_sampling,
     _check_tokens,
     _class_label_tensor,
     _prepare_generation_config,
-    _top_k_or_none,
     llamagen_logits_to_probs,
     llamagen_top_p_logits,
     sample_by_inverse_cdf,
@@ -447,6 +447,7 @@ class CTFForImageGeneration(CTFPreTrainedModel, GenerationMixin):
         # The head and the sampling run over image chunks, so that (B, N, V) float32 logits never exist at once.
         for lo in range(0, batch, chunk):
             hi = min(batch, lo + chunk)
+            gens = generator[lo:hi] if isinstance(generator, list) else generator  # one per image of the chunk
             logits = head(hidden[lo:hi]).float()
             if use_cfg:
                 logits = _cfg_combine(logits, head(hidden[batch + lo:batch + hi]).float(), guidance_scale)
@@ -458,11 +459,11 @@ class CTFForImageGeneration(CTFPreTrainedModel, GenerationMixin):
                 idx = members[coarse[lo:hi]]
                 sub = logits.gather(-1, idx).masked_fill(~valid[coarse[lo:hi]], float("-inf"))
                 probs = llamagen_logits_to_probs(sub, temperature, top_k, top_p).reshape(-1, sub.shape[-1])
-                pick = (sample_by_inverse_cdf(probs, generator) if do_sample else probs.argmax(-1)).view(hi - lo, length)
+                pick = (sample_by_inverse_cdf(probs, gens) if do_sample else probs.argmax(-1)).view(hi - lo, length)
                 fine[lo:hi] = idx.gather(-1, pick[..., None]).squeeze(-1)
             else:
                 probs = llamagen_logits_to_probs(logits, temperature, top_k, top_p).reshape(-1, vocab)
-                pick = sample_by_inverse_cdf(probs, generator) if do_sample else probs.argmax(-1)
+                pick = sample_by_inverse_cdf(probs, gens) if do_sample else probs.argmax(-1)
                 fine[lo:hi] = pick.view(hi - lo, length)
         return fine, (torch.cat(all_logits) if output_logits else None)
 
@@ -483,37 +484,25 @@ class CTFForImageGeneration(CTFPreTrainedModel, GenerationMixin):
                 ``output_logits``.
 
         Random draws: stage 1 makes LlamaGen's one ``torch.multinomial`` per token; stage 2 one uniform number per
-        position (:func:`sample_by_inverse_cdf`), after stage 1, from the same ``generator``.
+        position (:func:`sample_by_inverse_cdf`), after stage 1, from the same ``generator``. A list of generators
+        (one per image) gives image ``i`` all its draws from ``generator[i]``. Argument ranges (the same in every
+        family): ``hf_rq.sampling_args``; ``fine_guidance_scale`` below 1 is an error, 1 = off.
 
         Returns fine codes `(B, grid, grid)` int64, or a :class:`CTFGenerationOutput` with the coarse-label map.
         """
         gc = _prepare_generation_config(self, generation_config, kwargs, self._GENERATE_ARGS)
-
-        def get(name, default):
-            value = getattr(gc, name, None)
-            return default if value is None else value
-
-        temperature, top_k, top_p = get("temperature", 1.0), _top_k_or_none(gc.top_k), gc.top_p
-        guidance, cfg_interval = get("guidance_scale", 1.0), get("cfg_interval", -1)
-        fine_temperature = get("fine_temperature", 1.0)
-        fine_top_k, fine_top_p = _top_k_or_none(getattr(gc, "fine_top_k", None)), getattr(gc, "fine_top_p", None)
-        fine_guidance = get("fine_guidance_scale", 1.0)
-        in_cluster = get("in_cluster_mask", False)
-        _check_sampling(temperature, top_k, top_p, guidance)
-        _check_sampling(fine_temperature, fine_top_k, fine_top_p, fine_guidance, prefix="fine_")
-        if isinstance(cfg_interval, bool) or not isinstance(cfg_interval, int) or cfg_interval < -1:
-            raise ValueError(f"cfg_interval={cfg_interval!r}: must be an integer >= -1 (-1 = guidance at every token)")
-        if not isinstance(in_cluster, bool):
-            raise TypeError(f"in_cluster_mask must be a bool, got {in_cluster!r}")
+        a = validate_generation_config(gc, self._GENERATE_ARGS)  # the contract of every family (hf_rq.sampling_args)
         self._require_coarse_labels()
         labels = _class_label_tensor(class_labels, batch_size, self.config.num_classes, self.config.null_class_id,
                                      self.device)
-        do_sample, output_logits = bool(gc.do_sample), bool(gc.output_logits)
+        generator = check_generator(generator, labels.numel())
+        do_sample, output_logits = a["do_sample"], a["output_logits"]
         coarse, coarse_logits = self.coarse_model._sample_tokens(
-            labels, do_sample, temperature, top_k, top_p, float(guidance), cfg_interval, generator, progress_bar,
-            output_logits)
-        fine, fine_logits = self._sample_fine(coarse, labels, do_sample, fine_temperature, fine_top_k, fine_top_p,
-                                              float(fine_guidance), in_cluster, generator, output_logits)
+            labels, do_sample, a["temperature"], a["top_k"], a["top_p"], a["guidance_scale"], a["cfg_interval"],
+            generator, progress_bar, output_logits)
+        fine, fine_logits = self._sample_fine(coarse, labels, do_sample, a["fine_temperature"], a["fine_top_k"],
+                                              a["fine_top_p"], a["fine_guidance_scale"], a["in_cluster_mask"],
+                                              generator, output_logits)
         grid = self.config.grid_size
         codes = fine.view(-1, grid, grid)
         if gc.return_dict_in_generate:

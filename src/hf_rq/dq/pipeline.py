@@ -85,7 +85,7 @@ class DQTransformerPipeline(BundledModelsMixin, ClassLabelsMixin, DiffusionPipel
         self,
         class_labels: int | str | list[int | str] | torch.LongTensor | None = None,
         num_images_per_prompt: int = 1,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
@@ -103,7 +103,8 @@ class DQTransformerPipeline(BundledModelsMixin, ClassLabelsMixin, DiffusionPipel
             class_labels: class ids or names (``transformer.config.id2label``), one per image; None for an
                 unconditional model.
             num_images_per_prompt (`int`): images per label (for an unconditional model: the number of images).
-            generator (`torch.Generator`, *optional*): the same generator state gives the same images.
+            generator (`torch.Generator` or a list of them, *optional*): the same generator state gives the same
+                images; a list holds one generator per image (image ``i`` then depends on ``generator[i]`` only).
             temperature, top_k, top_p: content sampling (one temperature for positions too, as the authors);
                 position_top_k, position_top_p: position sampling; None keeps the prior's ``generation_config``.
             fix_fine_position (`bool`, *optional*): code every fine cell outside the sampled coarse ones in a fixed

@@ -34,8 +34,9 @@ from transformers import AutoConfig, AutoModel, DynamicCache, GenerationConfig, 
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from ..pipeline_utils import resolve_class_labels
-from ..sampling import top_k_logits, validate_sampling_args
+from ..pipeline_utils import resolve_generation_labels
+from ..sampling import sample_tokens, top_k_logits
+from ..sampling_args import check_generator, validate_generation_config
 from ..transformer_blocks import GPTStack
 from .tokens import FINE_POSITION_ORDERS, DQTokens, DQVocabulary, codes_to_tokens, tokens_to_codes, upsample_granularity
 from ..hub import BundledModelsMixin
@@ -421,7 +422,7 @@ class DQTransformerForImageGeneration(DQTransformerPreTrainedModel, GenerationMi
         class_labels=None,
         batch_size: int | None = None,
         generation_config: GenerationConfig | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         progress_bar: Callable | None = None,
         **kwargs,
     ):
@@ -437,7 +438,12 @@ class DQTransformerForImageGeneration(DQTransformerPreTrainedModel, GenerationMi
                 every fine cell outside the coarse ones, in permuter order), ``use_cache`` (False re-runs both stacks
                 on the whole prefix at every step, as the authors), ``output_scores``, ``return_dict_in_generate``.
                 Filter order (the authors'): temperature, masks, top-k on logits, softmax, top-p on probabilities.
-            generator (`torch.Generator`, *optional*): source of randomness for the draws.
+                The ranges are every family's (``hf_rq.sampling_args``): top-k None / 0 = off; ``guidance_scale``
+                may only be None or 1 (the model has no null class).
+            generator (`torch.Generator` or a list of them, *optional*): source of randomness for the draws. A list
+                holds one generator per image; since a DQ batch is not row-independent (finished images keep
+                feeding pad tokens that the others attend to), each image is then sampled in a batch of its own,
+                so that image ``i`` depends only on ``generator[i]`` (slower; ``output_scores`` is refused).
             progress_bar (`Callable`, *optional*): wraps the iterable over sampler steps (pipelines pass
                 ``self.progress_bar``); its total is the longest possible sequence, sampling stops at the end tokens.
 
@@ -452,24 +458,27 @@ class DQTransformerForImageGeneration(DQTransformerPreTrainedModel, GenerationMi
         unused = gc.update(**kwargs)
         if unused:
             raise TypeError(f"generate() got unexpected keyword arguments: {sorted(unused)}")
-        if gc.guidance_scale not in (None, 1.0):
-            raise ValueError("the DQ-Transformer has no classifier-free guidance (the authors' model has no null class)")
+        args = validate_generation_config(gc, ("do_sample", "temperature", "top_k", "top_p", "position_top_k",
+                                               "position_top_p", "guidance_scale", "fix_fine_position", "use_cache",
+                                               "output_scores", "return_dict_in_generate"))
+        if args["guidance_scale"] != 1.0:
+            raise ValueError(f"guidance_scale={gc.guidance_scale!r}: the DQ-Transformer has no classifier-free guidance "
+                             "(the authors' model has no null class); leave it at None or 1")
         c, v = self.config, self.config.vocabulary
-        do_sample = True if gc.do_sample is None else bool(gc.do_sample)
-        (temperature,), (top_k,), (top_p,) = validate_sampling_args(1.0 if gc.temperature is None else gc.temperature,
-                                                                    gc.top_k, gc.top_p)
-        _, (pos_top_k,), (pos_top_p,) = validate_sampling_args(1.0, gc.position_top_k, gc.position_top_p)
+        do_sample, temperature, top_k, top_p, pos_top_k, pos_top_p = (args[k] for k in (
+            "do_sample", "temperature", "top_k", "top_p", "position_top_k", "position_top_p"))
         device = self.content_embedding.weight.device
-        ids = self._generation_class_ids(class_labels, batch_size, device)
+        ids = resolve_generation_labels(class_labels, batch_size, self.config, device)
         B = ids.numel()
+        generator = check_generator(generator, B)
+        if isinstance(generator, list):
+            return self._generate_per_image(ids, gc, generator, progress_bar)
 
         def choose(logits, allowed, k, p):
             # The authors' order: temperature, masks (applied by the caller), top-k, softmax, top-p, draw.
             logits = top_k_logits(logits.masked_fill(~allowed, float("-inf")), k)
             probs = authors_top_p(torch.softmax(logits, dim=-1), p)
-            if not do_sample:
-                return probs.argmax(dim=-1)
-            return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            return sample_tokens(probs, generator, do_sample)
 
         engine = _CachedEngine(self) if gc.use_cache is not False else _FullEngine(self)
         scores = ([], []) if gc.output_scores else None
@@ -576,18 +585,29 @@ class DQTransformerForImageGeneration(DQTransformerPreTrainedModel, GenerationMi
             content_scores=tuple(scores[1]) if scores is not None else None,
         )
 
-    def _generation_class_ids(self, class_labels, batch_size, device) -> torch.LongTensor:
-        c = self.config
-        id2label = c.id2label if c.id2label and len(c.id2label) == c.num_classes else None
-        labels = resolve_class_labels(class_labels, c.num_classes, id2label, device=device)
-        if labels is None:
-            n = 1 if batch_size is None else batch_size
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-            return torch.zeros(n, dtype=torch.long, device=device)
-        if batch_size is not None and batch_size != labels.numel():
-            raise ValueError(f"batch_size={batch_size} disagrees with the {labels.numel()} class labels given")
-        return labels
+    def _generate_per_image(self, ids: torch.LongTensor, gc: GenerationConfig, generators: list, progress_bar):
+        """``generate`` with one generator per image: each image alone, the results stacked (tokens right-padded)."""
+        if gc.output_scores:
+            raise ValueError("output_scores=True is not supported with a list of generators (each image is sampled "
+                             "alone, so the per-step scores of the batch do not exist); pass a single generator")
+        as_dict = gc.return_dict_in_generate
+        gc = copy.deepcopy(gc)
+        gc.return_dict_in_generate = True
+        ids = ids if self.config.num_classes > 0 else [None] * len(generators)
+        outs = [self.generate(None if i is None else i.view(1), batch_size=1, generation_config=gc, generator=g,
+                              progress_bar=progress_bar) for i, g in zip(ids, generators)]
+        codes, granularity = torch.cat([o.codes for o in outs]), torch.cat([o.granularity for o in outs])
+        if not as_dict:
+            return codes, granularity
+        v = self.config.vocabulary
+
+        def stack(name, pad):
+            rows = [getattr(o.tokens, name)[0] for o in outs]
+            return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad)
+
+        tokens = DQTokens(stack("coarse_content", v.content_pad), stack("coarse_position", v.coarse_pad),
+                          stack("fine_content", v.content_pad), stack("fine_position", v.fine_pad))
+        return DQTransformerGenerateOutput(codes=codes, granularity=granularity, tokens=tokens)
 
     def _remaining_fine_positions(self, coarse_up: torch.Tensor) -> torch.LongTensor:
         """``fix_fine_position``: per image every fine cell outside the sampled coarse cells in permuter order, then

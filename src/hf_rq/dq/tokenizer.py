@@ -41,6 +41,7 @@ from ..quantizers import EMACodebook
 from .entropy import patch_entropy
 from .tokens import DQTokens, check_grid_form, codes_to_tokens, tokens_to_codes, upsample_granularity
 from ..hub import BundledModelsMixin
+from ..image_processing import check_model_images
 
 ROUTER_TYPES = ("entropy", "feature")
 GATE_ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU}
@@ -337,12 +338,7 @@ class DQVAEModel(BundledModelsMixin, ModelMixin, ConfigMixin):
     # --------------------------------------------------------------------------------------- checks
     def _check_images(self, images: torch.Tensor) -> None:
         c = self.config
-        if not isinstance(images, torch.Tensor):
-            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
-        if not images.is_floating_point():
-            raise TypeError(f"images must be a float tensor in [-1, 1], got dtype {images.dtype}")
-        if images.ndim != 4 or images.shape[1] != c.in_channels:
-            raise ValueError(f"images must have shape (B, {c.in_channels}, H, W), got {tuple(images.shape)}")
+        check_model_images(images, c.in_channels, owner=self, batch="B")  # type, shape, finite, range warning
         H, W = images.shape[-2:]
         if H != W:
             raise ValueError(
@@ -458,6 +454,8 @@ class DQVAEModel(BundledModelsMixin, ModelMixin, ConfigMixin):
         ``latents`` / ``quantized`` `(B, D, hf, hf)` and the routing details. ``return_codes`` is accepted for
         API symmetry with the other tokenizers; DQ always quantizes (the codes are the point of encoding).
         With ``return_dict=False``: ``(latents, codes, granularity)``.
+        Input contract (``hf_rq.image_processing.check_model_images``): NaN / inf raise ``ValueError``, values
+        outside [-1, 1] are warned about once; PIL / numpy images go through ``preprocess_images`` first.
         """
         self._check_images(images)
         features = self.encoder(images)

@@ -39,7 +39,7 @@ class RQTransformerPipeline(BundledModelsMixin, ClassLabelsMixin, DiffusionPipel
         self,
         class_labels: int | str | list[int | str] | torch.LongTensor | None = None,
         num_images_per_prompt: int = 1,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         temperature: float | list[float] | None = None,
         top_k: int | list[int] | None = None,
         top_p: float | list[float] | None = None,
@@ -54,10 +54,12 @@ class RQTransformerPipeline(BundledModelsMixin, ClassLabelsMixin, DiffusionPipel
             class_labels: class ids or names (``transformer.config.id2label``), one per image; None for an
                 unconditional model.
             num_images_per_prompt (`int`): images per label (for an unconditional model: the number of images).
-            generator (`torch.Generator`, *optional*): the same generator state gives the same images.
+            generator (`torch.Generator` or a list of them, *optional*): the same generator state gives the same
+                images; a list holds one generator per image (image ``i`` then depends on ``generator[i]`` only).
             temperature, top_k, top_p: sampling filters, each a number or a per-depth list (coarse to fine);
                 None keeps the prior's saved ``generation_config`` value.
-            guidance_scale (`float`, *optional*): classifier-free guidance scale; needs a prior with a null class.
+            guidance_scale (`float`, *optional*): classifier-free guidance scale, >= 1 (1 = off; below 1 is an error
+                in every family, see ``hf_rq.sampling_args``); above 1 it needs a prior with a null class.
             do_sample (`bool`, *optional*): False picks the most likely code at every step.
             output_type (`str`): ``"pil"``, ``"np"`` `(N, H, W, 3)` in [0, 1], ``"pt"`` `(N, 3, H, W)` in [0, 1], or
                 ``"latent"`` for the codes `(N, h, w, D)`.

@@ -27,8 +27,9 @@ from transformers import AutoConfig, AutoModel, DynamicCache, GenerationConfig, 
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from ..pipeline_utils import resolve_class_labels
-from ..sampling import top_k_logits, validate_sampling_args
+from ..pipeline_utils import resolve_generation_labels
+from ..sampling import multinomial_rows, top_k_logits, uniform_rows
+from ..sampling_args import check_generator, validate_generation_config
 from ..transformer_blocks import GPTStack
 from ..hub import BundledModelsMixin
 
@@ -381,20 +382,9 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
     def _prepare_generation(self, class_labels, batch_size, guidance_scale):
         """Class rows `(B,)` for the decoding batch (conditional rows, then null rows under guidance)."""
         c = self.config
-        device = self.code_embeddings.device
-        id2label = c.id2label if c.id2label and len(c.id2label) == c.num_classes else None
-        labels = resolve_class_labels(class_labels, c.num_classes, id2label, device=device)
-        if labels is None:
-            n = 1 if batch_size is None else batch_size
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-            labels = torch.zeros(n, dtype=torch.long, device=device)
-        elif batch_size is not None and batch_size != labels.numel():
-            raise ValueError(f"batch_size={batch_size} disagrees with the {labels.numel()} class labels given")
-        use_cfg = guidance_scale is not None and guidance_scale != 1.0
+        labels = resolve_generation_labels(class_labels, batch_size, c, self.code_embeddings.device)
+        use_cfg = guidance_scale > 1.0  # checked by hf_rq.sampling_args: a finite number >= 1
         if use_cfg:
-            if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
-                raise ValueError(f"guidance_scale must be a number, got {guidance_scale!r}")
             if c.num_classes == 0:
                 raise ValueError("classifier-free guidance needs a class-conditional model; this one is unconditional")
             if not c.use_null_class:
@@ -411,7 +401,7 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
         class_labels=None,
         batch_size: int | None = None,
         generation_config: GenerationConfig | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         progress_bar: Callable | None = None,
         prefix_codes: torch.LongTensor | None = None,
         **kwargs,
@@ -428,10 +418,13 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
             generation_config (`GenerationConfig`, *optional*): defaults to ``self.generation_config``; keyword
                 arguments override it: ``do_sample`` (False = arg-max; unset = sample), ``temperature``, ``top_k``, ``top_p``
                 (each a number or a per-depth list; the authors' order: temperature, top-k on logits, softmax,
-                top-p), ``guidance_scale`` (classifier-free guidance ``u + s * (c - u)``; needs
-                ``config.use_null_class``), ``use_cache`` (False re-runs both transformers on the whole prefix
+                top-p; None / 0 switch top-k off), ``guidance_scale`` (None or a number >= 1; 1 = off, ``s > 1``
+                classifier-free guidance ``u + s * (c - u)``, which needs ``config.use_null_class``; below 1 is an
+                error in every family, see ``hf_rq.sampling_args``), ``use_cache`` (False re-runs both transformers on the whole prefix
                 at every step; for testing and benchmarks), ``output_logits`` and ``return_dict_in_generate``.
-            generator (`torch.Generator`, *optional*): source of randomness for the draws.
+            generator (`torch.Generator` or a list of them, *optional*): source of randomness for the draws; a list
+                holds one generator per image, and image ``i`` draws only from ``generator[i]`` (the same image
+                whatever else is in the batch).
             progress_bar (`Callable`, *optional*): wraps the iterable over spatial positions (pipelines pass
                 ``self.progress_bar``).
             prefix_codes (`torch.LongTensor` of shape `(N, P, D)` in raster order, or `(N, h, w, D)`, *optional*):
@@ -448,15 +441,15 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
             raise TypeError(f"generate() got unexpected keyword arguments: {sorted(unused)}")
         c = self.config
         D, T, K = c.code_depth, c.num_positions, c.codebook_size
-        # An image prior samples unless told otherwise (the authors always sample); a GenerationConfig
-        # that leaves do_sample unset (transformers 5 default None) must not silently mean greedy.
-        do_sample = True if gc.do_sample is None else bool(gc.do_sample)
-        temperature = 1.0 if gc.temperature is None else gc.temperature
-        temperatures, top_ks, top_ps = validate_sampling_args(temperature, gc.top_k, gc.top_p, D)
+        # One contract for every family (hf_rq.sampling_args); do_sample unset (None) samples.
+        args = validate_generation_config(gc, ("do_sample", "temperature", "top_k", "top_p", "guidance_scale", "use_cache",
+                                               "output_logits", "return_dict_in_generate"), D)
+        do_sample, temperatures, top_ks, top_ps = (args[k] for k in ("do_sample", "temperature", "top_k", "top_p"))
         if not self.code_embeddings.any():
             raise ValueError("the prior's codebook copy is empty: fill it with load_codebook_from(vqvae) first")
-        rows, use_cfg = self._prepare_generation(class_labels, batch_size, gc.guidance_scale)
+        rows, use_cfg = self._prepare_generation(class_labels, batch_size, args["guidance_scale"])
         N = rows.numel() // (2 if use_cfg else 1)
+        generator = check_generator(generator, N)
         device = rows.device
 
         codes = torch.zeros(N, T, D, dtype=torch.long, device=device)
@@ -477,7 +470,7 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
 
         filters = [(temperatures[d], top_ks[d], top_ps[d]) for d in range(D)]
         step = self._decode_cached if gc.use_cache is not False else self._decode_uncached
-        step(rows, codes, num_prefix, logits_out, filters, do_sample, gc.guidance_scale if use_cfg else None,
+        step(rows, codes, num_prefix, logits_out, filters, do_sample, args["guidance_scale"] if use_cfg else None,
              generator, progress_bar)
 
         codes = codes.reshape(N, c.grid_height, c.grid_width, D)
@@ -569,7 +562,7 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
 
 
 def draw_rq_code(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 generator: torch.Generator | None = None, do_sample: bool = True) -> torch.LongTensor:
+                 generator=None, do_sample: bool = True) -> torch.LongTensor:
     """One code per row of `logits` `(B, K)` with the RQ authors' filters; returns `(B,)`.
 
     Draws from exactly the distribution of ``sampling.rq_filter_probs`` (temperature, top-k on logits,
@@ -578,6 +571,7 @@ def draw_rq_code(logits: torch.Tensor, temperature: float = 1.0, top_k: int | No
     cumulative sum (already needed for the nucleus), instead of masking, scattering back, renormalising
     and letting ``torch.multinomial`` sort out a second cumulative sum. At K = 16384 the filter is a large
     share of each of the ``h*w*D`` steps. ``do_sample=False`` is the arg-max (the filters keep the maximum).
+    ``generator``: one ``torch.Generator`` or a list with one per row (``hf_rq.sampling.uniform_rows``).
     """
     if not do_sample:
         return logits.argmax(dim=-1)
@@ -585,15 +579,13 @@ def draw_rq_code(logits: torch.Tensor, temperature: float = 1.0, top_k: int | No
     if temperature != 1.0:
         logits = logits / temperature
     probs = torch.softmax(top_k_logits(logits, top_k), dim=-1)
-    rand_device = generator.device if generator is not None else probs.device
     if top_p is None:
-        # a CPU generator may drive a model on another device: draw where the generator lives
-        return torch.multinomial(probs.to(rand_device), 1, generator=generator).squeeze(-1).to(probs.device)
+        return multinomial_rows(probs, generator)  # drawn where the generator lives
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     cumulative = sorted_probs.cumsum(dim=-1)
     kept = ((cumulative - sorted_probs) < top_p).sum(dim=-1, keepdim=True)  # >= 1: the top token always stays
     mass = cumulative.gather(-1, kept - 1)
-    u = torch.rand(mass.shape, generator=generator, device=rand_device).to(probs.device) * mass
+    u = uniform_rows(mass.shape[0], generator, probs.device) * mass
     index = torch.searchsorted(cumulative, u, right=True).clamp_(max=kept - 1)
     return order.gather(-1, index).squeeze(-1)
 

@@ -17,6 +17,7 @@ from ..autoencoder_blocks import make_decoder, make_encoder
 from ..outputs import QuantizerOutput, TokenizerDecoderOutput, TokenizerEncoderOutput, TokenizerOutput
 from ..quantizers import ResidualQuantizer
 from ..hub import BundledModelsMixin
+from ..image_processing import check_model_images
 
 
 class RQVAEModel(BundledModelsMixin, ModelMixin, ConfigMixin):
@@ -86,14 +87,7 @@ class RQVAEModel(BundledModelsMixin, ModelMixin, ConfigMixin):
 
     # ----------------------------------------------------------------------------------- checks
     def _check_images(self, images: torch.Tensor) -> None:
-        if not isinstance(images, torch.Tensor):
-            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
-        if not images.is_floating_point():
-            raise TypeError(f"images must be a float tensor in [-1, 1], got dtype {images.dtype}")
-        if images.ndim != 4 or images.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"images must have shape (N, {self.config.in_channels}, H, W), got {tuple(images.shape)}"
-            )
+        check_model_images(images, self.config.in_channels, owner=self)  # type, shape, finite, range warning
         f = self.downsample_factor
         if images.shape[-2] % f or images.shape[-1] % f:
             raise ValueError(
@@ -123,6 +117,8 @@ class RQVAEModel(BundledModelsMixin, ModelMixin, ConfigMixin):
         """Encode images `(N, 3, H, W)` in [-1, 1] to the continuous latent `(N, embed_dim, h, w)`.
 
         With ``return_codes=True`` the output also carries the codes `(N, h, w, D)`.
+        Input contract (``hf_rq.image_processing.check_model_images``): NaN / inf raise ``ValueError``, values
+        outside [-1, 1] are warned about once; PIL / numpy images go through ``preprocess_images`` first.
         """
         self._check_images(images)
         latents = self.quant_conv(self.encoder(images))

@@ -35,6 +35,7 @@ from transformers.utils import ModelOutput
 
 # LlamaGen's GPT moved to .llamagen; these names stay importable from here because saved pipeline folders
 # (model_index.json) and older scripts record ``hf_rq.ctf.prior``.
+from ..editing import check_known_tokens
 from .llamagen import (  # noqa: F401
     LlamaGenConfig,
     LlamaGenForImageGeneration,
@@ -469,7 +470,9 @@ class CTFForImageGeneration(CTFPreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def generate(self, class_labels=None, batch_size: int | None = None,
                  generation_config: GenerationConfig | None = None, generator: torch.Generator | None = None,
-                 progress_bar=None, **kwargs):
+                 progress_bar=None, known_codes: torch.LongTensor | None = None,
+                 known_mask: torch.BoolTensor | None = None, known_coarse_labels: torch.LongTensor | None = None,
+                 known_coarse_mask: torch.BoolTensor | None = None, **kwargs):
         """Two-stage sampling: stage 1 draws the coarse labels token by token (KV cache, CFG, temperature tau1),
         then one stage-2 pass draws every fine code (temperature tau2, optional top-k / top-p / CFG / in-cluster mask).
 
@@ -481,6 +484,11 @@ class CTFForImageGeneration(CTFPreTrainedModel, GenerationMixin):
                 ``fine_guidance_scale`` (1 = off), ``in_cluster_mask`` (restrict each position to the fine codes
                 of its coarse label); ``do_sample=False`` makes both stages greedy; ``return_dict_in_generate``,
                 ``output_logits``.
+            known_codes, known_mask (`(B, grid, grid)`, *optional*): editing, stage 2: fine codes to keep (the pass
+                still draws every position; known ones are replaced after it).
+            known_coarse_labels, known_coarse_mask (`(B, grid, grid)`, *optional*): editing, stage 1: coarse labels
+                teacher-forced in raster order while the others are sampled. When every label of the batch is known,
+                stage 1 is skipped (``keep_coarse_labels``: the fine codes are redrawn in one pass).
 
         Random draws: stage 1 makes LlamaGen's one ``torch.multinomial`` per token; stage 2 one uniform number per
         position (:func:`sample_by_inverse_cdf`), after stage 1, from the same ``generator``.
@@ -509,12 +517,25 @@ class CTFForImageGeneration(CTFPreTrainedModel, GenerationMixin):
         labels = _class_label_tensor(class_labels, batch_size, self.config.num_classes, self.config.null_class_id,
                                      self.device)
         do_sample, output_logits = bool(gc.do_sample), bool(gc.output_logits)
-        coarse, coarse_logits = self.coarse_model._sample_tokens(
-            labels, do_sample, temperature, top_k, top_p, float(guidance), cfg_interval, generator, progress_bar,
-            output_logits)
+        grid = self.config.grid_size
+        shape, device = (labels.numel(), grid, grid), labels.device
+        known_coarse = known_fine = None
+        if known_coarse_labels is not None or known_coarse_mask is not None:
+            known_coarse = tuple(x.flatten(1) for x in check_known_tokens(
+                known_coarse_labels, known_coarse_mask, shape, self.config.num_clusters, device))
+        if known_codes is not None or known_mask is not None:
+            known_fine = tuple(x.flatten(1) for x in check_known_tokens(
+                known_codes, known_mask, shape, self.config.codebook_size, device))
+        if known_coarse is not None and bool(known_coarse[1].all()) and not output_logits:
+            coarse, coarse_logits = known_coarse[0], None
+        else:
+            coarse, coarse_logits = self.coarse_model._sample_tokens(
+                labels, do_sample, temperature, top_k, top_p, float(guidance), cfg_interval, generator, progress_bar,
+                output_logits, known_coarse)
         fine, fine_logits = self._sample_fine(coarse, labels, do_sample, fine_temperature, fine_top_k, fine_top_p,
                                               float(fine_guidance), in_cluster, generator, output_logits)
-        grid = self.config.grid_size
+        if known_fine is not None:
+            fine = torch.where(known_fine[1], known_fine[0], fine)
         codes = fine.view(-1, grid, grid)
         if gc.return_dict_in_generate:
             return CTFGenerationOutput(sequences=codes, coarse_labels=coarse.view(-1, grid, grid),

@@ -85,7 +85,7 @@ def _mask_array(mask_image) -> torch.Tensor:
         if m.ndim == 2:
             m = m[None, ..., None]
         elif m.ndim == 3:
-            m = m[None] if m.shape[-1] in (1, 3) else m[..., None]
+            m = m[None] if m.shape[-1] <= 4 else m[..., None]  # (H, W, C): a width <= 4 is no image
         if m.ndim != 4:
             raise ValueError(f"numpy masks must be (H, W), (H, W, C), (B, H, W) or (B, H, W, C), got {mask_image.shape}")
         return _channels_last_to_single(_to_unit_range(m))

@@ -33,14 +33,19 @@ class _LlamaGenFamilyPipeline(BundledModelsMixin, ClassLabelsMixin, EditingPipel
             raise ValueError("this prior has no null class: pass class_labels (ids or names)")
         return self.prepare_class_labels(class_labels, num_images_per_prompt)
 
+    @property
+    def edit_image_size(self) -> tuple[int, int]:
+        """`(height, width)` of the images this pipeline edits (its token grid times the downsampling factor)."""
+        size = self.transformer.config.grid_size * self.vqvae.downsample_factor
+        return size, size
+
     def _encode_edit(self, image, mask_image, class_labels, num_images_per_prompt, num_candidates):
         """-> ``(EditInputs, codes (B, h, w) of the images, class rows (B,) for teacher-forced scoring)``."""
         c = self.transformer.config
         if class_labels is None and c.null_class_id is None:
             raise ValueError("this prior has no null class: pass class_labels (ids or names)")
-        grid, f = c.grid_size, self.vqvae.downsample_factor
         edit = self.prepare_edit(image, mask_image, class_labels, num_images_per_prompt, num_candidates,
-                                 (grid * f, grid * f), (grid, grid))
+                                 self.edit_image_size, (c.grid_size, c.grid_size))
         codes = self.vqvae.encode(edit.pixels.to(self.vqvae.device, self.vqvae.dtype), return_codes=True).codes
         rows = edit.class_labels
         if rows is None:

@@ -152,13 +152,18 @@ class DQTransformerPipeline(BundledModelsMixin, ClassLabelsMixin, EditingPipelin
             return (images,) if granularity is None else (images, granularity)
         return DQPipelineOutput(images=images, granularity=granularity)
 
+    @property
+    def edit_image_size(self) -> tuple[int, int]:
+        """`(height, width)` of the images this pipeline edits (the DQ-VAE's ``sample_size``)."""
+        return self.vqvae.config.sample_size, self.vqvae.config.sample_size
+
     def _edit(self, image, mask_image, class_labels, num_images_per_prompt, num_candidates, generator, overrides):
         """Encode, keep the regions outside the mask, sample the rest, keep the best candidates."""
         if mask_image is None:
             raise ValueError("image needs mask_image (white = regenerate)")
-        c, size = self.transformer.config, self.vqvae.config.sample_size
+        c = self.transformer.config
         edit = self.prepare_edit(image, mask_image, class_labels, num_images_per_prompt, num_candidates,
-                                 (size, size), (c.coarse_grid_size, c.coarse_grid_size))
+                                 self.edit_image_size, (c.coarse_grid_size, c.coarse_grid_size))
         enc = self.vqvae.encode(edit.pixels.to(self.vqvae.device, self.vqvae.dtype))
         device = self.transformer.device
         known_codes, known_granularity = enc.codes.to(device), enc.granularity.to(device)

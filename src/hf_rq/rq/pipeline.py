@@ -104,18 +104,24 @@ class RQTransformerPipeline(BundledModelsMixin, ClassLabelsMixin, EditingPipelin
             return (images,)
         return ImagePipelineOutput(images=images)
 
+    @property
+    def edit_image_size(self) -> tuple[int, int]:
+        """`(height, width)` of the images this pipeline edits (its token grid times the downsampling factor)."""
+        c, f = self.transformer.config, self.vqvae.downsample_factor
+        return c.grid_height * f, c.grid_width * f
+
     def _edit(self, image, mask_image, keep_depth, class_labels, num_images_per_prompt, num_candidates, generator,
               overrides):
         """Encode, build the known-code mask `(B, h, w, D)`, sample the rest, keep the best candidates."""
         c = self.transformer.config
-        D, f = c.code_depth, self.vqvae.downsample_factor
+        D = c.code_depth
         if keep_depth is not None and (isinstance(keep_depth, bool) or not isinstance(keep_depth, int)
                                        or not 0 <= keep_depth <= D):
             raise ValueError(f"keep_depth must be an integer in 0..{D} (the code depth), got {keep_depth!r}")
         if mask_image is None and keep_depth is None:
             raise ValueError("image needs mask_image (white = regenerate) or keep_depth")
         edit = self.prepare_edit(image, mask_image, class_labels, num_images_per_prompt, num_candidates,
-                                 (c.grid_height * f, c.grid_width * f), (c.grid_height, c.grid_width))
+                                 self.edit_image_size, (c.grid_height, c.grid_width))
         known_codes = self.vqvae.encode(edit.pixels.to(self.vqvae.device, self.vqvae.dtype), return_codes=True).codes
         shape = (edit.batch_size, c.grid_height, c.grid_width, D)
         deep = torch.arange(D, device=known_codes.device) < (keep_depth or 0)  # depths kept at edited positions

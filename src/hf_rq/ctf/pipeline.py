@@ -134,7 +134,7 @@ class LlamaGenPipeline(_LlamaGenFamilyPipeline):
             edit, known, rows = self._encode_edit(image, mask_image, class_labels, num_images_per_prompt,
                                                   num_candidates)
             kept = ~edit.token_mask.to(known.device)
-            codes = self.transformer.generate(**self._generate_args(edit), generator=generator,
+            codes = known if kept.all() else self.transformer.generate(**self._generate_args(edit), generator=generator,
                                               progress_bar=self.progress_bar, known_codes=known, known_mask=kept,
                                               **overrides)
             if num_candidates > 1:
@@ -320,6 +320,8 @@ class CTFPipeline(_LlamaGenFamilyPipeline):
         kept = (torch.ones_like(known, dtype=torch.bool) if edit.token_mask is None
                 else ~edit.token_mask.to(known.device))
         fine_kept = torch.zeros_like(kept) if keep_coarse_labels else kept
+        if fine_kept.all():  # an all-black mask: the reconstruction, no draws
+            return known, self.transformer.fine_to_coarse[known]
         out = self.transformer.generate(
             **self._generate_args(edit), generator=generator, progress_bar=self.progress_bar,
             return_dict_in_generate=True, known_codes=known, known_mask=fine_kept,

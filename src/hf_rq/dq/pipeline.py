@@ -168,6 +168,8 @@ class DQTransformerPipeline(BundledModelsMixin, ClassLabelsMixin, EditingPipelin
         device = self.transformer.device
         known_codes, known_granularity = enc.codes.to(device), enc.granularity.to(device)
         kept = ~edit.token_mask.to(device)
+        if kept.all():  # an all-black mask: the reconstruction, no draws
+            return known_codes, known_granularity
         codes, granularity = self.transformer.generate(
             edit.class_labels, batch_size=None if edit.class_labels is not None else edit.batch_size,
             generator=generator, progress_bar=self.progress_bar, return_dict_in_generate=False,

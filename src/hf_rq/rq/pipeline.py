@@ -128,6 +128,8 @@ class RQTransformerPipeline(BundledModelsMixin, ClassLabelsMixin, EditingPipelin
         kept = deep.expand(shape)
         if edit.token_mask is not None:
             kept = kept | ~edit.token_mask.to(known_codes.device)[..., None]
+        if kept.all():  # nothing to sample (an all-black mask, keep_depth=D): the reconstruction, no draws
+            return known_codes
         codes = self.transformer.generate(edit.class_labels, batch_size=None if edit.class_labels is not None
                                           else edit.batch_size, generator=generator, progress_bar=self.progress_bar,
                                           known_codes=known_codes, known_mask=kept, **overrides)

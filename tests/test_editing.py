@@ -251,3 +251,30 @@ def test_prepare_edit_inputs_broadcasts_one_image_over_labels():
     edit_inputs = prepare_edit_inputs(image, mask, 64, 64, 8, 8, torch.tensor([1, 2]), repeats=3)
     assert edit_inputs.pixels.shape == (6, 3, 64, 64) and edit_inputs.class_labels.tolist() == [1, 1, 1, 2, 2, 2]
     assert edit_inputs.token_mask.shape == (6, 8, 8) and edit_inputs.token_mask[:, 2:6, 2:6].all()
+
+
+def test_llamagen_pipeline_edits(fixtures_dir):
+    """LlamaGen's pipeline (CTF's baseline) edits the same way, on the reference fixtures' tiny models."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from hf_rq import LlamaGenPipeline
+    from hf_rq.ctf.conversion import convert_llamagen_gpt, convert_llamagen_vq
+
+    d = fixtures_dir / "llamagen"
+    vq = convert_llamagen_vq(load_file(d / "vq.safetensors"), json.loads((d / "vq_config.json").read_text()))
+    gpt = convert_llamagen_gpt(load_file(d / "gpt.safetensors"), json.loads((d / "gpt_config.json").read_text()))
+    pipe = LlamaGenPipeline(vqvae=vq, transformer=gpt)
+    pipe.set_progress_bar_config(disable=True)
+    H, W = pipe.edit_image_size
+    grid = gpt.config.grid_size
+    image = torch.rand(2, 3, H, W, generator=seeded(5))
+    codes = vq.encode(image * 2 - 1, return_codes=True).codes
+    mask = torch.zeros(H, W)
+    mask[: H // 2] = 1
+    out = pipe([3, 7], image=image, mask_image=mask, generator=seeded(), output_type="latent").images
+    assert torch.equal(out[:, grid // 2:], codes[:, grid // 2:]) and not torch.equal(out[:, : grid // 2], codes[:, : grid // 2])
+    white = pipe([3, 7], image=image, mask_image=torch.ones(H, W), generator=seeded(), output_type="latent").images
+    assert torch.equal(white, pipe([3, 7], generator=seeded(), output_type="latent").images)
+    assert torch.equal(pipe([3, 7], image=image, mask_image=torch.zeros(H, W), output_type="latent").images, codes)

@@ -161,7 +161,7 @@ def prepare_edit_inputs(image, mask_image, height: int, width: int, grid_height:
     is the documented way to get the reconstruction.
     """
     if image is None:
-        raise ValueError("mask_image was given without image: pass the image to edit")
+        raise ValueError("an edit needs image: mask_image, keep_depth or keep_coarse_labels was given without image")
     pixels = load_image(image, height, width)
     token_mask = None
     if mask_image is not None:

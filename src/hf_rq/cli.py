@@ -1,4 +1,4 @@
-"""The ``hf-rq`` command line: generate, reconstruct, convert, evaluate.
+"""The ``hf-rq`` command line: generate, edit, reconstruct, convert, evaluate.
 
 Exit codes: 0 success; 1 the command failed (unknown model or class, unreadable image, unwritable output,
 ...), with a one-line ``hf-rq <command>: error: ...`` on stderr; 2 bad command-line usage (argparse).
@@ -525,6 +525,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_common(g)
     g.set_defaults(func=cmd_generate)
+
+    from .cli_edit import add_edit_parser  # the edit command lives in its own module
+
+    add_edit_parser(sub)
 
     r = sub.add_parser("reconstruct", help="round-trip images through a tokenizer, side by side",
                        description="Encode and decode images with a tokenizer and write side-by-side comparisons: RQ "

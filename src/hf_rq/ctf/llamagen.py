@@ -24,6 +24,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
+from ..editing import check_known_tokens
 from ..hub import BundledModelsMixin
 from ..llama_blocks import LlamaGenBlock, LlamaRMSNorm, llamagen_ffn_hidden_size, precompute_2d_rotary
 from ..sampling import sample_tokens, top_k_logits, uniform_rows
@@ -443,8 +444,12 @@ class LlamaGenForImageGeneration(LlamaGenPreTrainedModel, GenerationMixin):
         return self.lm_head(self.model(embeds, past_key_values=cache).last_hidden_state).float()
 
     def _sample_tokens(self, class_labels: torch.LongTensor, do_sample: bool, temperature, top_k, top_p,
-                       guidance_scale: float, cfg_interval: int, generator, progress_bar, output_logits: bool):
-        """LlamaGen's sampler: `(B,)` labels -> tokens `(B, grid**2)` (+ step logits `(B, N, V)` or None)."""
+                       guidance_scale: float, cfg_interval: int, generator, progress_bar, output_logits: bool,
+                       known: tuple[torch.LongTensor, torch.BoolTensor] | None = None):
+        """LlamaGen's sampler: `(B,)` labels -> tokens `(B, grid**2)` (+ step logits `(B, N, V)` or None).
+
+        ``known = (tokens, mask)`` `(B, N)` (editing): a known token replaces the draw and is fed on, so it is
+        teacher-forced through the same cache; the draws themselves are unchanged."""
         batch = class_labels.shape[0]
         null_id = self.config.null_class_id
         if guidance_scale > 1.0 and null_id is None:
@@ -485,13 +490,17 @@ class LlamaGenForImageGeneration(LlamaGenPreTrainedModel, GenerationMixin):
                 step_logits.append(logits)
             probs = llamagen_logits_to_probs(logits, temperature, top_k, top_p)
             next_token = sample_tokens(probs, generator, do_sample)
+            if known is not None:
+                next_token = torch.where(known[1][:, t], known[0][:, t], next_token)
             tokens[:, t] = next_token
         return tokens, (torch.stack(step_logits, dim=1) if output_logits else None)
 
     @torch.no_grad()
     def generate(self, class_labels=None, batch_size: int | None = None,
-                 generation_config: GenerationConfig | None = None, generator: torch.Generator | None = None,
-                 progress_bar=None, **kwargs):
+                 generation_config: GenerationConfig | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None,
+                 progress_bar=None, known_codes: torch.LongTensor | None = None,
+                 known_mask: torch.BoolTensor | None = None, **kwargs):
         """Sample image tokens.
 
         Args:
@@ -508,6 +517,9 @@ class LlamaGenForImageGeneration(LlamaGenPreTrainedModel, GenerationMixin):
                 ``torch.manual_seed(s)`` reproduces LlamaGen's samples. A list of ``B`` generators gives each image
                 its own (image ``i`` draws its row from ``generator[i]``: the same image whatever the batch).
             progress_bar: optional callable wrapping the loop over token positions.
+            known_codes, known_mask: `(B, grid, grid)` codes and bool mask (editing): known codes are kept and
+                teacher-forced; the others are sampled in raster order, seeing only the tokens before them. Every
+                step still makes its draw, so an all-False mask samples exactly as without it.
 
         Returns codes `(B, grid, grid)` int64, or a :class:`LlamaGenGenerationOutput`.
         """
@@ -516,10 +528,15 @@ class LlamaGenForImageGeneration(LlamaGenPreTrainedModel, GenerationMixin):
         labels = _class_label_tensor(class_labels, batch_size, self.config.num_classes, self.config.null_class_id,
                                      self.device)
         generator = check_generator(generator, labels.numel())
+        grid = self.config.grid_size
+        known = None
+        if known_codes is not None or known_mask is not None:
+            codes, mask = check_known_tokens(known_codes, known_mask, (labels.numel(), grid, grid),
+                                             self.config.vocab_size, labels.device)
+            known = (codes.flatten(1), mask.flatten(1))
         tokens, logits = self._sample_tokens(labels, a["do_sample"], a["temperature"], a["top_k"], a["top_p"],
                                              a["guidance_scale"], a["cfg_interval"], generator, progress_bar,
-                                             a["output_logits"])
-        grid = self.config.grid_size
+                                             a["output_logits"], known)
         codes = tokens.view(-1, grid, grid)
         if gc.return_dict_in_generate:
             return LlamaGenGenerationOutput(sequences=codes, logits=logits)

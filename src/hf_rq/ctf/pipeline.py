@@ -11,6 +11,7 @@ import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 
+from ..editing import EditingPipelineMixin, known_log_likelihood
 from ..image_processing import make_image_grid, postprocess_images
 from ..hub import BundledModelsMixin
 from ..pipeline_utils import ClassLabelsMixin, check_output_type, generation_overrides
@@ -21,8 +22,8 @@ from .tokenizer import LlamaGenVQModel
 __all__ = ["CTFPipeline", "CTFPipelineOutput", "LlamaGenPipeline", "coarse_labels_to_pil"]
 
 
-class _LlamaGenFamilyPipeline(BundledModelsMixin, ClassLabelsMixin, DiffusionPipeline):
-    """What the LlamaGen and CTF pipelines share: class resolution, decoding, output types."""
+class _LlamaGenFamilyPipeline(BundledModelsMixin, ClassLabelsMixin, EditingPipelineMixin, DiffusionPipeline):
+    """What the LlamaGen and CTF pipelines share: class resolution, decoding, output types, editing inputs."""
 
     model_cpu_offload_seq = "transformer->vqvae"
 
@@ -31,6 +32,29 @@ class _LlamaGenFamilyPipeline(BundledModelsMixin, ClassLabelsMixin, DiffusionPip
         if class_labels is None and self.transformer.config.null_class_id is None:
             raise ValueError("this prior has no null class: pass class_labels (ids or names)")
         return self.prepare_class_labels(class_labels, num_images_per_prompt)
+
+    @property
+    def edit_image_size(self) -> tuple[int, int]:
+        """`(height, width)` of the images this pipeline edits (its token grid times the downsampling factor)."""
+        size = self.transformer.config.grid_size * self.vqvae.downsample_factor
+        return size, size
+
+    def _encode_edit(self, image, mask_image, class_labels, num_images_per_prompt, num_candidates, generator):
+        """-> ``(EditInputs, codes (B, h, w) of the images, class rows (B,) for teacher-forced scoring)``."""
+        c = self.transformer.config
+        if class_labels is None and c.null_class_id is None:
+            raise ValueError("this prior has no null class: pass class_labels (ids or names)")
+        edit = self.prepare_edit(image, mask_image, class_labels, num_images_per_prompt, num_candidates,
+                                 self.edit_image_size, (c.grid_size, c.grid_size), generator)
+        codes = self.vqvae.encode(edit.pixels.to(self.vqvae.device, self.vqvae.dtype), return_codes=True).codes
+        rows = edit.class_labels
+        if rows is None:
+            rows = torch.full((edit.batch_size,), c.null_class_id, dtype=torch.long, device=codes.device)
+        return edit, codes.to(self.transformer.device), rows.to(self.transformer.device)
+
+    def _generate_args(self, edit) -> dict:
+        return dict(class_labels=edit.class_labels, generator=edit.generator,
+                    batch_size=None if edit.class_labels is not None else edit.batch_size)
 
     def _decode(self, codes: torch.LongTensor, output_type: str):
         if output_type == "latent":
@@ -77,8 +101,11 @@ class LlamaGenPipeline(_LlamaGenFamilyPipeline):
         do_sample: bool | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        image=None,
+        mask_image=None,
+        num_candidates: int = 1,
     ):
-        r"""Sample images.
+        r"""Sample images, or edit ``image`` where ``mask_image`` is white.
 
         Args:
             class_labels: class ids or names (``transformer.config.id2label``), one per image; None samples
@@ -86,6 +113,8 @@ class LlamaGenPipeline(_LlamaGenFamilyPipeline):
             num_images_per_prompt (`int`): images per label.
             generator (`torch.Generator` or a list of them, *optional*): the same generator state gives the same
                 images; a list holds one generator per image (image ``i`` then depends on ``generator[i]`` only).
+            image, mask_image, num_candidates: editing, as in :class:`CTFPipeline` (without coarse labels: the
+                masked codes are sampled in raster order, the others kept and teacher-forced).
             guidance_scale (`float`): LlamaGen's classifier-free guidance, >= 1 (1 = off; below 1 is an error in
                 every family, see ``hf_rq.sampling_args``).
             cfg_interval (`int`): -1 keeps guidance for every token; ``c`` for tokens ``0 .. c + 1`` only.
@@ -99,11 +128,24 @@ class LlamaGenPipeline(_LlamaGenFamilyPipeline):
         """
         check_output_type(output_type)
         self.check_components()
-        labels, batch_size = self._prepare_labels(class_labels, num_images_per_prompt)
         overrides = generation_overrides(guidance_scale=guidance_scale, cfg_interval=cfg_interval,
                                          temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample)
-        codes = self.transformer.generate(labels, batch_size=batch_size, generator=generator,
-                                          progress_bar=self.progress_bar, **overrides)
+        if image is not None or mask_image is not None:
+            if mask_image is None:
+                raise ValueError("image needs mask_image (white = regenerate)")
+            edit, known, rows = self._encode_edit(image, mask_image, class_labels, num_images_per_prompt,
+                                                  num_candidates, generator)
+            kept = ~edit.token_mask.to(known.device)
+            codes = known if kept.all() else self.transformer.generate(**self._generate_args(edit),
+                                              progress_bar=self.progress_bar, known_codes=known, known_mask=kept,
+                                              **overrides)
+            if num_candidates > 1:
+                scores = known_log_likelihood(self.transformer(codes, rows).logits, codes.flatten(1), kept.flatten(1))
+                codes = self.select_candidates(scores, num_candidates, codes)
+        else:
+            labels, batch_size = self._prepare_labels(class_labels, num_images_per_prompt)
+            codes = self.transformer.generate(labels, batch_size=batch_size, generator=generator,
+                                              progress_bar=self.progress_bar, **overrides)
         images = self._decode(codes, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
@@ -209,8 +251,12 @@ class CTFPipeline(_LlamaGenFamilyPipeline):
         return_coarse_labels: bool = False,
         output_type: str = "pil",
         return_dict: bool = True,
+        image=None,
+        mask_image=None,
+        keep_coarse_labels: bool = False,
+        num_candidates: int = 1,
     ):
-        r"""Sample images.
+        r"""Sample images, or edit ``image``.
 
         Args:
             class_labels: class ids or names (``transformer.config.id2label``), one per image; None samples
@@ -228,25 +274,68 @@ class CTFPipeline(_LlamaGenFamilyPipeline):
             output_type (`str`): ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (the fine codes `(N, h, w)`).
             return_dict (`bool`): return a :class:`CTFPipelineOutput` rather than a tuple
                 (``(images,)`` or ``(images, coarse_labels)``).
+            image (PIL / numpy / torch, *optional*): an image to edit, at the tokenizer's resolution, encoded to
+                fine codes and their coarse labels; ``num_images_per_prompt`` edits are made of each.
+            mask_image (PIL / numpy / torch, *optional*): white (>= 0.5) = regenerate, any size with the image's
+                aspect ratio; a token is regenerated when any white pixel falls in its ``f x f`` cell
+                (``hf_rq.editing``). Stage 1 samples the masked coarse labels in raster order (each sees the known
+                labels before it), stage 2 redraws the masked fine codes from the whole label map; the others are
+                kept.
+            keep_coarse_labels (`bool`): keep the input's coarse-label map and redraw every fine code in one stage-2
+                pass (variations inside each code's cluster); with ``mask_image``, stage 1 first resamples the
+                masked coarse labels.
+            num_candidates (`int`): best-of-n remedy for stage 1's raster order (1 = off): ``n`` candidates per
+                output, keeping the one under which the known coarse labels are most likely.
 
         Arguments left at None keep the prior's saved ``generation_config`` values.
         """
         check_output_type(output_type)
         self.check_components()
-        labels, batch_size = self._prepare_labels(class_labels, num_images_per_prompt)
         overrides = generation_overrides(
             guidance_scale=guidance_scale, cfg_interval=cfg_interval, temperature=temperature, top_k=top_k,
             top_p=top_p, fine_temperature=fine_temperature, fine_top_k=fine_top_k, fine_top_p=fine_top_p,
             fine_guidance_scale=fine_guidance_scale, in_cluster_mask=in_cluster_mask, do_sample=do_sample,
         )
-        out = self.transformer.generate(labels, batch_size=batch_size, generator=generator,
-                                        progress_bar=self.progress_bar, return_dict_in_generate=True, **overrides)
-        images = self._decode(out.sequences, output_type)
-        coarse = out.coarse_labels if return_coarse_labels else None
+        if not isinstance(keep_coarse_labels, bool):
+            raise TypeError(f"keep_coarse_labels must be a bool, got {keep_coarse_labels!r}")
+        if image is not None or mask_image is not None or keep_coarse_labels:
+            codes, coarse = self._edit(image, mask_image, keep_coarse_labels, class_labels, num_images_per_prompt,
+                                       num_candidates, generator, overrides)
+        else:
+            labels, batch_size = self._prepare_labels(class_labels, num_images_per_prompt)
+            out = self.transformer.generate(labels, batch_size=batch_size, generator=generator,
+                                            progress_bar=self.progress_bar, return_dict_in_generate=True, **overrides)
+            codes, coarse = out.sequences, out.coarse_labels
+        images = self._decode(codes, output_type)
+        coarse = coarse if return_coarse_labels else None
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,) if coarse is None else (images, coarse)
         return CTFPipelineOutput(images=images, coarse_labels=coarse)
+
+    def _edit(self, image, mask_image, keep_coarse_labels, class_labels, num_images_per_prompt, num_candidates,
+              generator, overrides):
+        """Encode; keep the unmasked coarse labels (and, without ``keep_coarse_labels``, the unmasked fine codes);
+        sample the rest; keep the best candidates. Returns ``(codes, coarse labels)``, both `(B, h, w)`."""
+        if mask_image is None and not keep_coarse_labels:
+            raise ValueError("image needs mask_image (white = regenerate) or keep_coarse_labels=True")
+        edit, known, rows = self._encode_edit(image, mask_image, class_labels, num_images_per_prompt, num_candidates,
+                                              generator)
+        kept = (torch.ones_like(known, dtype=torch.bool) if edit.token_mask is None
+                else ~edit.token_mask.to(known.device))
+        fine_kept = torch.zeros_like(kept) if keep_coarse_labels else kept
+        if fine_kept.all():  # an all-black mask: the reconstruction, no draws
+            return known, self.transformer.fine_to_coarse[known]
+        out = self.transformer.generate(
+            **self._generate_args(edit), progress_bar=self.progress_bar,
+            return_dict_in_generate=True, known_codes=known, known_mask=fine_kept,
+            known_coarse_labels=self.transformer.fine_to_coarse[known], known_coarse_mask=kept, **overrides)
+        codes, coarse = out.sequences, out.coarse_labels
+        if num_candidates > 1:
+            logits = self.transformer.coarse_model(coarse, rows).logits
+            scores = known_log_likelihood(logits, coarse.flatten(1), kept.flatten(1))
+            codes, coarse = self.select_candidates(scores, num_candidates, codes, coarse)
+        return codes, coarse
 
     def show_coarse_labels(self, output_or_labels, images=None, size: int | None = None) -> list[PIL.Image.Image]:
         """Draw coarse-label maps: one colour per label, each map next to its image when images are known.

@@ -33,6 +33,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import MaskedLMOutput
 from transformers.utils import ModelOutput
 
+from ..editing import check_known_tokens
 from ..sampling_args import check_generator, validate_generation_config
 
 # LlamaGen's GPT moved to .llamagen; these names stay importable from here because saved pipeline folders
@@ -469,8 +470,11 @@ class CTFForImageGeneration(CTFPreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def generate(self, class_labels=None, batch_size: int | None = None,
-                 generation_config: GenerationConfig | None = None, generator: torch.Generator | None = None,
-                 progress_bar=None, **kwargs):
+                 generation_config: GenerationConfig | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None,
+                 progress_bar=None, known_codes: torch.LongTensor | None = None,
+                 known_mask: torch.BoolTensor | None = None, known_coarse_labels: torch.LongTensor | None = None,
+                 known_coarse_mask: torch.BoolTensor | None = None, **kwargs):
         """Two-stage sampling: stage 1 draws the coarse labels token by token (KV cache, CFG, temperature tau1),
         then one stage-2 pass draws every fine code (temperature tau2, optional top-k / top-p / CFG / in-cluster mask).
 
@@ -482,6 +486,11 @@ class CTFForImageGeneration(CTFPreTrainedModel, GenerationMixin):
                 ``fine_guidance_scale`` (1 = off), ``in_cluster_mask`` (restrict each position to the fine codes
                 of its coarse label); ``do_sample=False`` makes both stages greedy; ``return_dict_in_generate``,
                 ``output_logits``.
+            known_codes, known_mask (`(B, grid, grid)`, *optional*): editing, stage 2: fine codes to keep (the pass
+                still draws every position; known ones are replaced after it).
+            known_coarse_labels, known_coarse_mask (`(B, grid, grid)`, *optional*): editing, stage 1: coarse labels
+                teacher-forced in raster order while the others are sampled. When every label of the batch is known,
+                stage 1 is skipped (``keep_coarse_labels``: the fine codes are redrawn in one pass).
 
         Random draws: stage 1 makes LlamaGen's one ``torch.multinomial`` per token; stage 2 one uniform number per
         position (:func:`sample_by_inverse_cdf`), after stage 1, from the same ``generator``. A list of generators
@@ -497,13 +506,26 @@ class CTFForImageGeneration(CTFPreTrainedModel, GenerationMixin):
                                      self.device)
         generator = check_generator(generator, labels.numel())
         do_sample, output_logits = a["do_sample"], a["output_logits"]
-        coarse, coarse_logits = self.coarse_model._sample_tokens(
-            labels, do_sample, a["temperature"], a["top_k"], a["top_p"], a["guidance_scale"], a["cfg_interval"],
-            generator, progress_bar, output_logits)
+        grid = self.config.grid_size
+        shape, device = (labels.numel(), grid, grid), labels.device
+        known_coarse = known_fine = None
+        if known_coarse_labels is not None or known_coarse_mask is not None:
+            known_coarse = tuple(x.flatten(1) for x in check_known_tokens(
+                known_coarse_labels, known_coarse_mask, shape, self.config.num_clusters, device))
+        if known_codes is not None or known_mask is not None:
+            known_fine = tuple(x.flatten(1) for x in check_known_tokens(
+                known_codes, known_mask, shape, self.config.codebook_size, device))
+        if known_coarse is not None and bool(known_coarse[1].all()) and not output_logits:
+            coarse, coarse_logits = known_coarse[0], None
+        else:
+            coarse, coarse_logits = self.coarse_model._sample_tokens(
+                labels, do_sample, a["temperature"], a["top_k"], a["top_p"], a["guidance_scale"], a["cfg_interval"],
+                generator, progress_bar, output_logits, known_coarse)
         fine, fine_logits = self._sample_fine(coarse, labels, do_sample, a["fine_temperature"], a["fine_top_k"],
                                               a["fine_top_p"], a["fine_guidance_scale"], a["in_cluster_mask"],
                                               generator, output_logits)
-        grid = self.config.grid_size
+        if known_fine is not None:
+            fine = torch.where(known_fine[1], known_fine[0], fine)
         codes = fine.view(-1, grid, grid)
         if gc.return_dict_in_generate:
             return CTFGenerationOutput(sequences=codes, coarse_labels=coarse.view(-1, grid, grid),

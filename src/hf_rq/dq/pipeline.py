@@ -9,9 +9,11 @@ import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 
+from ..editing import EditingPipelineMixin
 from ..image_processing import numpy_to_pil, postprocess_images
 from ..hub import BundledModelsMixin
 from ..pipeline_utils import ClassLabelsMixin, check_output_type, generation_overrides
+from .editing import DQKnownTokens
 from .prior import DQTransformerForImageGeneration
 from .tokenizer import DQVAEModel
 
@@ -29,7 +31,7 @@ class DQPipelineOutput(ImagePipelineOutput):
     granularity: torch.LongTensor | None = None
 
 
-class DQTransformerPipeline(BundledModelsMixin, ClassLabelsMixin, DiffusionPipeline):
+class DQTransformerPipeline(BundledModelsMixin, ClassLabelsMixin, EditingPipelineMixin, DiffusionPipeline):
     r"""DQ-Transformer image generation: class label in, image (and optionally its granularity map) out.
 
     Components:
@@ -96,8 +98,11 @@ class DQTransformerPipeline(BundledModelsMixin, ClassLabelsMixin, DiffusionPipel
         output_type: str = "pil",
         return_granularity: bool = False,
         return_dict: bool = True,
+        image=None,
+        mask_image=None,
+        num_candidates: int = 1,
     ):
-        r"""Sample images.
+        r"""Sample images, or edit ``image`` where ``mask_image`` is white.
 
         Args:
             class_labels: class ids or names (``transformer.config.id2label``), one per image; None for an
@@ -114,16 +119,29 @@ class DQTransformerPipeline(BundledModelsMixin, ClassLabelsMixin, DiffusionPipel
                 ``"latent"`` for the code map `(B, hf, hf)`.
             return_granularity (`bool`): also return the granularity map `(B, hc, hc)` (1 = fine).
             return_dict (`bool`): return a :class:`DQPipelineOutput` rather than a tuple.
+            image (PIL / numpy / torch, *optional*): an image to edit, at the DQ-VAE's ``sample_size``; it is encoded
+                to codes and a granularity map, and ``num_images_per_prompt`` edits are made of each image.
+            mask_image (PIL / numpy / torch, *optional*): white (>= 0.5) = regenerate, any size with the image's
+                aspect ratio. It maps onto the granularity map: a region (a coarse-grid cell, coarse or fine) is
+                regenerated, granularity included, when any white pixel falls in it; the others keep their
+                granularity and codes. The sampled part follows the authors' sampler and its quirks
+                (:mod:`hf_rq.dq.editing` says how the kept tokens are placed).
+            num_candidates (`int`): best-of-n remedy for the sequential order (1 = off): ``n`` candidates per output,
+                keeping the one under which the kept tokens are most likely.
         """
         check_output_type(output_type)
         self.check_components()
-        class_labels, batch_size = self.prepare_class_labels(class_labels, num_images_per_prompt)
         overrides = generation_overrides(temperature=temperature, top_k=top_k, top_p=top_p,
                                          position_top_k=position_top_k, position_top_p=position_top_p,
                                          fix_fine_position=fix_fine_position, do_sample=do_sample)
-        codes, granularity = self.transformer.generate(class_labels, batch_size=batch_size, generator=generator,
-                                                       progress_bar=self.progress_bar, return_dict_in_generate=False,
-                                                       **overrides)
+        if image is not None or mask_image is not None:
+            codes, granularity = self._edit(image, mask_image, class_labels, num_images_per_prompt, num_candidates,
+                                            generator, overrides)
+        else:
+            class_labels, batch_size = self.prepare_class_labels(class_labels, num_images_per_prompt)
+            codes, granularity = self.transformer.generate(class_labels, batch_size=batch_size, generator=generator,
+                                                           progress_bar=self.progress_bar,
+                                                           return_dict_in_generate=False, **overrides)
         if output_type == "latent":
             images = codes
         else:
@@ -134,3 +152,31 @@ class DQTransformerPipeline(BundledModelsMixin, ClassLabelsMixin, DiffusionPipel
         if not return_dict:
             return (images,) if granularity is None else (images, granularity)
         return DQPipelineOutput(images=images, granularity=granularity)
+
+    @property
+    def edit_image_size(self) -> tuple[int, int]:
+        """`(height, width)` of the images this pipeline edits (the DQ-VAE's ``sample_size``)."""
+        return self.vqvae.config.sample_size, self.vqvae.config.sample_size
+
+    def _edit(self, image, mask_image, class_labels, num_images_per_prompt, num_candidates, generator, overrides):
+        """Encode, keep the regions outside the mask, sample the rest, keep the best candidates."""
+        if mask_image is None:
+            raise ValueError("image needs mask_image (white = regenerate)")
+        c = self.transformer.config
+        edit = self.prepare_edit(image, mask_image, class_labels, num_images_per_prompt, num_candidates,
+                                 self.edit_image_size, (c.coarse_grid_size, c.coarse_grid_size), generator)
+        enc = self.vqvae.encode(edit.pixels.to(self.vqvae.device, self.vqvae.dtype))
+        device = self.transformer.device
+        known_codes, known_granularity = enc.codes.to(device), enc.granularity.to(device)
+        kept = ~edit.token_mask.to(device)
+        if kept.all():  # an all-black mask: the reconstruction, no draws
+            return known_codes, known_granularity
+        codes, granularity = self.transformer.generate(
+            edit.class_labels, batch_size=None if edit.class_labels is not None else edit.batch_size,
+            generator=edit.generator, progress_bar=self.progress_bar, return_dict_in_generate=False,
+            known_codes=known_codes, known_granularity=known_granularity, known_regions=kept, **overrides)
+        if num_candidates > 1:
+            known = DQKnownTokens(known_codes, known_granularity, kept, c.vocabulary, c.fine_position_order)
+            scores = known.known_log_likelihood(self.transformer, codes, granularity, edit.class_labels)
+            codes, granularity = self.select_candidates(scores, num_candidates, codes, granularity)
+        return codes, granularity

@@ -38,6 +38,7 @@ from ..pipeline_utils import resolve_generation_labels
 from ..sampling import sample_tokens, top_k_logits
 from ..sampling_args import check_generator, validate_generation_config
 from ..transformer_blocks import GPTStack
+from .editing import DQKnownTokens
 from .tokens import FINE_POSITION_ORDERS, DQTokens, DQVocabulary, codes_to_tokens, tokens_to_codes, upsample_granularity
 from ..hub import BundledModelsMixin
 
@@ -424,6 +425,9 @@ class DQTransformerForImageGeneration(DQTransformerPreTrainedModel, GenerationMi
         generation_config: GenerationConfig | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         progress_bar: Callable | None = None,
+        known_codes: torch.LongTensor | None = None,
+        known_granularity: torch.LongTensor | None = None,
+        known_regions: torch.BoolTensor | None = None,
         **kwargs,
     ):
         r"""Sample DQ codes: the coarse part, then the fine part, each token position first, then content.
@@ -446,6 +450,10 @@ class DQTransformerForImageGeneration(DQTransformerPreTrainedModel, GenerationMi
                 so that image ``i`` depends only on ``generator[i]`` (slower; ``output_scores`` is refused).
             progress_bar (`Callable`, *optional*): wraps the iterable over sampler steps (pipelines pass
                 ``self.progress_bar``); its total is the longest possible sequence, sampling stops at the end tokens.
+            known_codes (`(B, hf, hf)`), known_granularity (`(B, hc, hc)`), known_regions (`(B, hc, hc)` bool),
+                *optional*: editing. Regions where ``known_regions`` is True keep their granularity and codes (placed
+                in training order, teacher-forced); the others are sampled with the authors' rules
+                (:mod:`hf_rq.dq.editing`).
 
         Returns:
             ``(codes (B, hf, hf), granularity (B, hc, hc))``, or :class:`DQTransformerGenerateOutput` with
@@ -480,6 +488,14 @@ class DQTransformerForImageGeneration(DQTransformerPreTrainedModel, GenerationMi
             probs = authors_top_p(torch.softmax(logits, dim=-1), p)
             return sample_tokens(probs, generator, do_sample)
 
+        known = None
+        if known_codes is not None or known_granularity is not None or known_regions is not None:
+            if known_codes is None or known_granularity is None or known_regions is None:
+                raise ValueError("editing needs known_codes, known_granularity and known_regions together")
+            if known_codes.shape[0] != B:
+                raise ValueError(f"known_codes holds {known_codes.shape[0]} images for a batch of {B}")
+            known = DQKnownTokens(known_codes.to(device), known_granularity.to(device), known_regions, v,
+                                  c.fine_position_order)
         engine = _CachedEngine(self) if gc.use_cache is not False else _FullEngine(self)
         scores = ([], []) if gc.output_scores else None
         content_start, coarse_start, fine_start = v.start_tokens(ids)
@@ -517,10 +533,14 @@ class DQTransformerForImageGeneration(DQTransformerPreTrainedModel, GenerationMi
             if scores is not None:
                 scores[0].append(logits)
             allowed = torch.where(finished[:, None], coarse_pad_only, coarse_open & ~sampled_coarse)
+            if known is not None:
+                allowed = known.restrict(allowed, finished, fine=False)
             position = choose(logits / temperature, allowed, pos_top_k, pos_top_p)
             sampled_coarse[torch.arange(B, device=device), position] = True
             finished = finished | (position == v.coarse_eos)
             code = content_step(h, position, finished)
+            if known is not None:
+                code = known.keep(position, code, fine=False)
             seq.content.append(code)
             seq.position.append(position)
 
@@ -562,10 +582,14 @@ class DQTransformerForImageGeneration(DQTransformerPreTrainedModel, GenerationMi
                 allowed = fine_open & ~forbidden
                 allowed[:, v.fine_eos] = True  # the end position stays allowed
                 allowed = torch.where(finished[:, None], fine_pad_only, allowed)
+                if known is not None:
+                    allowed = known.restrict(allowed, finished, fine=True)
                 position = choose(logits / temperature, allowed, pos_top_k, pos_top_p)
                 forbidden[torch.arange(B, device=device), position] = True
             finished = finished | (position == v.fine_eos)
             code = content_step(h, position, finished)
+            if known is not None:
+                code = known.keep(position, code, fine=True)
             seq.content.append(code)
             seq.position.append(position)
             j += 1

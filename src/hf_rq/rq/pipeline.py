@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 
+from ..editing import EditingPipelineMixin, known_log_likelihood
 from ..image_processing import postprocess_images
 from ..hub import BundledModelsMixin
 from ..pipeline_utils import ClassLabelsMixin, check_output_type, generation_overrides
@@ -12,7 +13,7 @@ from .prior import RQTransformerForImageGeneration
 from .tokenizer import RQVAEModel
 
 
-class RQTransformerPipeline(BundledModelsMixin, ClassLabelsMixin, DiffusionPipeline):
+class RQTransformerPipeline(BundledModelsMixin, ClassLabelsMixin, EditingPipelineMixin, DiffusionPipeline):
     r"""RQ-Transformer image generation: class label in, image out.
 
     Components:
@@ -25,6 +26,9 @@ class RQTransformerPipeline(BundledModelsMixin, ClassLabelsMixin, DiffusionPipel
         >>> from hf_rq import RQTransformerPipeline
         >>> pipe = RQTransformerPipeline.from_pretrained("path/or/repo")
         >>> image = pipe(class_labels="golden retriever", generator=torch.Generator().manual_seed(0)).images[0]
+        >>> # editing: regenerate the white part of the mask; or keep depth 1 everywhere and redraw the finer ones
+        >>> edited = pipe("golden retriever", image=image, mask_image=mask, num_images_per_prompt=3).images
+        >>> variations = pipe("golden retriever", image=image, keep_depth=1, num_images_per_prompt=3).images
         ```
     """
 
@@ -47,6 +51,10 @@ class RQTransformerPipeline(BundledModelsMixin, ClassLabelsMixin, DiffusionPipel
         do_sample: bool | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        image=None,
+        mask_image=None,
+        keep_depth: int | None = None,
+        num_candidates: int = 1,
     ):
         r"""Sample images.
 
@@ -64,14 +72,31 @@ class RQTransformerPipeline(BundledModelsMixin, ClassLabelsMixin, DiffusionPipel
             output_type (`str`): ``"pil"``, ``"np"`` `(N, H, W, 3)` in [0, 1], ``"pt"`` `(N, 3, H, W)` in [0, 1], or
                 ``"latent"`` for the codes `(N, h, w, D)`.
             return_dict (`bool`): return an ``ImagePipelineOutput`` rather than a tuple.
+            image (PIL / numpy / torch, *optional*): an image to edit, at the tokenizer's resolution; it is
+                encoded to codes `(h, w, D)` and ``num_images_per_prompt`` edits are made of it (several images
+                make a batch; one class label or one mask serves them all).
+            mask_image (PIL / numpy / torch, *optional*): white (>= 0.5 after thresholding) = regenerate, any size
+                with the image's aspect ratio; a position is regenerated when any white pixel falls in its
+                ``f x f`` pixel cell (``hf_rq.editing``). Regenerated positions are sampled in raster order and
+                see only the known codes before them; the known ones are teacher-forced and never change.
+            keep_depth (`int`, *optional*): ``k`` in ``0..D``: keep depths ``1..k`` of every position and resample
+                the finer ones (variations at the fine level); with ``mask_image``, positions outside the mask
+                keep all their depths and positions inside keep depths ``1..k``.
+            num_candidates (`int`): best-of-n remedy for raster order (1 = off): sample ``n`` edits per output
+                and keep the one under which the known codes are most likely (the known codes after the mask do
+                see the samples), at ``n`` times the sampling cost.
         """
         check_output_type(output_type)
         self.transformer.check_codebook(self.vqvae)
-        class_labels, batch_size = self.prepare_class_labels(class_labels, num_images_per_prompt)
         overrides = generation_overrides(temperature=temperature, top_k=top_k, top_p=top_p,
                                          guidance_scale=guidance_scale, do_sample=do_sample)
-        codes = self.transformer.generate(class_labels, batch_size=batch_size, generator=generator,
-                                          progress_bar=self.progress_bar, **overrides)
+        if image is not None or mask_image is not None or keep_depth is not None:
+            codes = self._edit(image, mask_image, keep_depth, class_labels, num_images_per_prompt, num_candidates,
+                               generator, overrides)
+        else:
+            class_labels, batch_size = self.prepare_class_labels(class_labels, num_images_per_prompt)
+            codes = self.transformer.generate(class_labels, batch_size=batch_size, generator=generator,
+                                              progress_bar=self.progress_bar, **overrides)
         if output_type == "latent":
             images = codes
         else:
@@ -80,3 +105,37 @@ class RQTransformerPipeline(BundledModelsMixin, ClassLabelsMixin, DiffusionPipel
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+    @property
+    def edit_image_size(self) -> tuple[int, int]:
+        """`(height, width)` of the images this pipeline edits (its token grid times the downsampling factor)."""
+        c, f = self.transformer.config, self.vqvae.downsample_factor
+        return c.grid_height * f, c.grid_width * f
+
+    def _edit(self, image, mask_image, keep_depth, class_labels, num_images_per_prompt, num_candidates, generator,
+              overrides):
+        """Encode, build the known-code mask `(B, h, w, D)`, sample the rest, keep the best candidates."""
+        c = self.transformer.config
+        D = c.code_depth
+        if keep_depth is not None and (isinstance(keep_depth, bool) or not isinstance(keep_depth, int)
+                                       or not 0 <= keep_depth <= D):
+            raise ValueError(f"keep_depth must be an integer in 0..{D} (the code depth), got {keep_depth!r}")
+        if mask_image is None and keep_depth is None:
+            raise ValueError("image needs mask_image (white = regenerate) or keep_depth")
+        edit = self.prepare_edit(image, mask_image, class_labels, num_images_per_prompt, num_candidates,
+                                 self.edit_image_size, (c.grid_height, c.grid_width), generator)
+        known_codes = self.vqvae.encode(edit.pixels.to(self.vqvae.device, self.vqvae.dtype), return_codes=True).codes
+        shape = (edit.batch_size, c.grid_height, c.grid_width, D)
+        deep = torch.arange(D, device=known_codes.device) < (keep_depth or 0)  # depths kept at edited positions
+        kept = deep.expand(shape)
+        if edit.token_mask is not None:
+            kept = kept | ~edit.token_mask.to(known_codes.device)[..., None]
+        if kept.all():  # nothing to sample (an all-black mask, keep_depth=D): the reconstruction, no draws
+            return known_codes
+        codes = self.transformer.generate(edit.class_labels, batch_size=None if edit.class_labels is not None
+                                          else edit.batch_size, generator=edit.generator, progress_bar=self.progress_bar,
+                                          known_codes=known_codes, known_mask=kept, **overrides)
+        if num_candidates > 1:
+            logits = self.transformer(codes, class_labels=edit.class_labels).logits
+            codes = self.select_candidates(known_log_likelihood(logits, codes, kept), num_candidates, codes)
+        return codes

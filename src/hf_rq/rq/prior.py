@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoModel, DynamicCache, GenerationConfig, 
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
+from ..editing import KnownTokens, check_known_tokens
 from ..pipeline_utils import resolve_generation_labels
 from ..sampling import multinomial_rows, top_k_logits, uniform_rows
 from ..sampling_args import check_generator, validate_generation_config
@@ -404,6 +405,8 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
         generator: torch.Generator | list[torch.Generator] | None = None,
         progress_bar: Callable | None = None,
         prefix_codes: torch.LongTensor | None = None,
+        known_codes: torch.LongTensor | None = None,
+        known_mask: torch.BoolTensor | None = None,
         **kwargs,
     ):
         r"""Sample code grids `(N, h, w, D)`: raster order over positions, coarse to fine inside a position.
@@ -430,6 +433,11 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
             prefix_codes (`torch.LongTensor` of shape `(N, P, D)` in raster order, or `(N, h, w, D)`, *optional*):
                 codes of the first ``P`` positions to keep (teacher-forced through the same cached path);
                 sampling continues after them (the authors' ``partial_sample`` / ``start_loc``).
+            known_codes (`torch.LongTensor` of shape `(N, h, w, D)`), known_mask (`torch.BoolTensor`, same shape),
+                *optional*: editing. Codes where ``known_mask`` is True are kept and teacher-forced through the same
+                cached path; the others are sampled in the usual order, each seeing only what precedes it. A draw
+                is skipped where every image of the batch knows the code, so an all-False mask draws exactly as
+                unconditional sampling and an all-True mask returns ``known_codes`` without drawing.
 
         Returns:
             `torch.LongTensor` `(N, h, w, D)`, or :class:`RQTransformerGenerateOutput` with
@@ -453,7 +461,11 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
         device = rows.device
 
         codes = torch.zeros(N, T, D, dtype=torch.long, device=device)
-        num_prefix = 0
+        known = torch.zeros(N, T, D, dtype=torch.bool, device=device)
+        if known_codes is not None or known_mask is not None:
+            shape = (N, c.grid_height, c.grid_width, D)
+            codes, known = check_known_tokens(known_codes, known_mask, shape, K, device)
+            codes, known = codes.reshape(N, T, D), known.reshape(N, T, D)
         if prefix_codes is not None:
             if prefix_codes.ndim == 4:
                 prefix_codes = prefix_codes.reshape(prefix_codes.shape[0], -1, prefix_codes.shape[-1])
@@ -465,12 +477,13 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
                 raise ValueError(f"prefix_codes must be integer codes in [0, {K})")
             num_prefix = prefix_codes.shape[1]
             codes[:, :num_prefix] = prefix_codes.to(device)
+            known[:, :num_prefix] = True
         logits_out = (torch.empty(N, T, D, K, device=device, dtype=torch.float32)
                       if gc.output_logits else None)
 
         filters = [(temperatures[d], top_ks[d], top_ps[d]) for d in range(D)]
         step = self._decode_cached if gc.use_cache is not False else self._decode_uncached
-        step(rows, codes, num_prefix, logits_out, filters, do_sample, args["guidance_scale"] if use_cfg else None,
+        step(rows, codes, KnownTokens(known), logits_out, filters, do_sample, args["guidance_scale"] if use_cfg else None,
              generator, progress_bar)
 
         codes = codes.reshape(N, c.grid_height, c.grid_width, D)
@@ -480,20 +493,22 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
             logits_out = logits_out.reshape(N, c.grid_height, c.grid_width, D, K)
         return RQTransformerGenerateOutput(codes=codes, logits=logits_out)
 
-    def _choose(self, logits, codes, logits_out, t, d, num_prefix, filters, do_sample, guidance_scale, generator):
+    def _choose(self, logits, codes, logits_out, t, d, known, filters, do_sample, guidance_scale, generator):
         """Guidance, filtering and the draw for position ``t``, depth ``d``; returns the code `(N,)`."""
         if guidance_scale is not None:
             cond, uncond = logits.float().chunk(2)
             logits = uncond + guidance_scale * (cond - uncond)
         if logits_out is not None:
             logits_out[:, t, d] = logits
-        if t < num_prefix:
+        if known.all[t][d]:
             return codes[:, t, d]
         code = draw_rq_code(logits, *filters[d], generator=generator, do_sample=do_sample)
+        if known.any[t][d]:
+            code = torch.where(known.mask[:, t, d], codes[:, t, d], code)
         codes[:, t, d] = code
         return code
 
-    def _decode_cached(self, rows, codes, num_prefix, logits_out, filters, do_sample, guidance_scale, generator,
+    def _decode_cached(self, rows, codes, known, logits_out, filters, do_sample, guidance_scale, generator,
                        progress_bar):
         N, T, D = codes.shape
         dup = 2 if guidance_scale is not None else 1
@@ -509,7 +524,7 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
         positions = range(T) if progress_bar is None else progress_bar(range(T))
         for t in positions:
             context = spatial_stack(x, past_key_values=cache)  # (B, 1, E): only the new token runs
-            need_depth = t >= num_prefix or logits_out is not None
+            need_depth = not known.step_all[t] or logits_out is not None
             codewords = []
             if need_depth:
                 depth_cache = DynamicCache()
@@ -518,7 +533,7 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
                 for d in range(D):
                     out = depth_stack(y, past_key_values=depth_cache)
                     logits = head(head_norm(out[:, 0]))
-                    code = self._choose(logits, codes, logits_out, t, d, num_prefix, filters, do_sample,
+                    code = self._choose(logits, codes, logits_out, t, d, known, filters, do_sample,
                                         guidance_scale, generator)
                     e = self._embed_depth(code, d)
                     if dup == 2:
@@ -535,7 +550,7 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
             if t < T - 1:
                 x = (proj_in(codewords).sum(dim=1) + spatial_pos[t])[:, None]
 
-    def _decode_uncached(self, rows, codes, num_prefix, logits_out, filters, do_sample, guidance_scale, generator,
+    def _decode_uncached(self, rows, codes, known, logits_out, filters, do_sample, guidance_scale, generator,
                          progress_bar):
         """Reference path without caches: both transformers re-run the whole prefix at every step."""
         N, T, D = codes.shape
@@ -557,7 +572,7 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
                     slots.append(self.depth_input_proj(cw.cumsum(dim=1)))
                 y = torch.cat(slots, dim=1) + self.depth_position_embedding[:, : d + 1]
                 logits = self.lm_head(self.final_layer_norm(self.depth_transformer(y)[:, -1]))
-                self._choose(logits, codes, logits_out, t, d, num_prefix, filters, do_sample, guidance_scale,
+                self._choose(logits, codes, logits_out, t, d, known, filters, do_sample, guidance_scale,
                              generator)
 
 

@@ -138,7 +138,7 @@ def main(argv=None):
     ema, state, guard = prepare_resumable_state(accelerator, args, unwrapped)
 
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info(f"{type(unwrapped).__name__}: {sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters, "
+    logger.info(f"{prior_cls.__name__}: {sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters, "
                 f"{len(train_codes)} code grids, {max_steps} steps of {total_batch}, {steps_per_epoch} steps/epoch")
     progress = tqdm(total=max_steps, initial=state.step, desc="steps", disable=not accelerator.is_local_main_process)
     seen_indices: list[int] = []

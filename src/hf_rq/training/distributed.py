@@ -71,19 +71,32 @@ def params_are_sharded(accelerator) -> bool:
 
 def check_parallelism(accelerator, args, allow_sharding: bool = True) -> None:
     """Fail at start-up when the launcher's parallelism cannot do what was asked (see the module docstring)."""
-    requested_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    from accelerate.utils import DistributedType
+
     kind = sharding(accelerator)
-    if requested_fsdp and kind != "fsdp":
-        raise ParallelismConfigError(
-            f"the launcher asked for FSDP but Accelerate set up {accelerator.distributed_type.value} (on "
-            f"{accelerator.device.type}): Accelerate enables FSDP only on GPU-type devices, so this run would train "
-            "as plain data parallelism. Launch on GPUs, or use training/accelerate_configs/ddp.yaml")
+    for name, wanted in (("FSDP", DistributedType.FSDP), ("DeepSpeed", DistributedType.DEEPSPEED)):
+        flag = f"ACCELERATE_USE_{name.upper()}"
+        if os.environ.get(flag, "false").lower() in ("1", "true") and accelerator.distributed_type != wanted:
+            raise ParallelismConfigError(
+                f"the launcher asked for {name} ({flag}) but Accelerate set up {accelerator.distributed_type.value} "
+                f"({accelerator.num_processes} process(es) on {accelerator.device.type}): Accelerate turns {name} on "
+                "only for runs on GPU-type devices, so this run would not shard anything. Launch on GPUs, or use "
+                "training/accelerate_configs/ddp.yaml")
     if kind is None:
         return
     if not allow_sharding:
         raise ParallelismConfigError(
             f"this script trains with plain data parallelism only, got {kind}: its models (tokenizer, "
             "discriminator, LPIPS) are small enough for DDP; use training/accelerate_configs/ddp.yaml")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed clips inside its optimizer step (Accelerate's clip_grad_norm_ does nothing there), with the
+        # JSON's value: a different --max_grad_norm would be silently ignored.
+        clip = accelerator.state.deepspeed_plugin.deepspeed_config.get("gradient_clipping", "auto")
+        wanted = getattr(args, "max_grad_norm", None) or 0.0
+        if clip != "auto" and float(clip) != float(wanted):
+            raise ParallelismConfigError(
+                f"--max_grad_norm {wanted} differs from the DeepSpeed config's gradient_clipping {clip}; DeepSpeed "
+                "clips with its config's value, so set them equal")
     if getattr(args, "use_ema", False) and params_are_sharded(accelerator):
         raise ParallelismConfigError(
             f"--use_ema is not supported with {kind} (sharded parameters): the EMA would average rank-local "

@@ -150,3 +150,42 @@ def test_unsupported_model_is_named():
         enable_gradient_checkpointing(dqvae)
     with pytest.raises(ValueError, match="neither a transformers nor a diffusers model"):
         enable_gradient_checkpointing(torch.nn.Linear(2, 2))
+
+
+def test_flag_reaches_the_models_in_both_scripts(tmp_path, monkeypatch):
+    """``--gradient_checkpointing`` turns checkpointing on for the model each script trains (1 step each)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from hf_rq import LlamaGenVQModel
+
+    repo = Path(__file__).resolve().parents[1]
+    images, configs = repo / "tests" / "fixtures" / "images", repo / "training" / "configs"
+    enabled = []
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(f"_gc_{name}", repo / "training" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+
+        def spy(model):
+            enable_gradient_checkpointing(model)
+            enabled.append(model)
+
+        monkeypatch.setattr(module, "enable_gradient_checkpointing", spy)
+        return module
+
+    common = ["--train_data_dir", str(images), "--resolution", "16", "--train_batch_size", "2", "--max_train_steps", "1",
+              "--validation_steps", "100", "--num_validation_images", "0", "--report_to", "none",
+              "--gradient_checkpointing"]
+    load("train_tokenizer").main(["--model", "llamagen-vq", "--model_config", str(configs / "llamagen_vq_tiny.json"),
+                                  "--perceptual_weight", "0", "--disc_weight", "0", "--output_dir", str(tmp_path / "tok"),
+                                  *common])
+    assert isinstance(enabled[-1], LlamaGenVQModel) and enabled[-1].encoder.gradient_checkpointing
+    LlamaGenVQModel(**json.loads((configs / "llamagen_vq_tiny.json").read_text())).save_pretrained(tmp_path / "vq")
+    load("train_prior").main(["--model", "llamagen", "--tokenizer_name_or_path", str(tmp_path / "vq"),
+                              "--model_config", str(configs / "llamagen_gpt_tiny.json"), "--lr_warmup_steps", "0",
+                              "--output_dir", str(tmp_path / "prior"), *common])
+    assert type(enabled[-1]).__name__ == "LlamaGenForImageGeneration"
+    assert all(layer.gradient_checkpointing for layer in enabled[-1].model.layers)

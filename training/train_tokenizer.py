@@ -206,9 +206,10 @@ def validate(args, accelerator, model, ema, data, num_codes, step, final=False):
     metrics = {f"val_{k}": v for k, v in metrics.items()}
     accelerator.log({k: v for k, v in metrics.items() if k != "val_num_images"}, step=step)
     images = reconstruction_grid_images(model, dataset, args.num_validation_images)
-    name = "final" if final else f"step-{step}"
-    log_image_grid(accelerator, "reconstructions", images, step, rows=2,
-                   save_to=Path(args.output_dir) / "validation" / f"reconstructions-{name}.png")
+    if images:
+        name = "final" if final else f"step-{step}"
+        log_image_grid(accelerator, "reconstructions", images, step, rows=2,
+                       save_to=Path(args.output_dir) / "validation" / f"reconstructions-{name}.png")
     if ema is not None:
         ema.restore(model.parameters())
     return metrics

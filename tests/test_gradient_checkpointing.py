@@ -94,18 +94,29 @@ def _tokenizer_llamagen_vq():
     return _tokenizer_case(model)
 
 
+def _tokenizer_dqvae():
+    from hf_rq import DQVAEModel
+
+    model = DQVAEModel(sample_size=16, block_out_channels=(8, 8, 16), layers_per_block=1, attn_resolutions=(8,),
+                       decoder_block_out_channels=(8, 8), decoder_layers_per_block=1, decoder_attn_resolutions=(),
+                       latent_channels=4, embed_dim=4, codebook_size=8, norm_num_groups=4, router_type="feature",
+                       router_norm_num_groups=2)
+    return _tokenizer_case(model)
+
+
 def _tokenizer_case(model):
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
 
     def loss(m):
         out = m(images)
-        return (out.sample - images).square().mean() + out.commitment_loss
+        extra = out.extra_loss if getattr(out, "extra_loss", None) is not None else 0.0  # DQ's budget loss
+        return (out.sample - images).square().mean() + out.commitment_loss + extra
 
     return model, loss, ["encoder.down_blocks.0.resnets.0", "decoder.up_blocks.0.resnets.0"]
 
 
 CASES = {"rq": _prior_rq, "dq": _prior_dq, "llamagen": _prior_llamagen, "ctf": _prior_ctf,
-         "rqvae": _tokenizer_rqvae, "llamagen-vq": _tokenizer_llamagen_vq}
+         "rqvae": _tokenizer_rqvae, "llamagen-vq": _tokenizer_llamagen_vq, "dqvae": _tokenizer_dqvae}
 
 
 def _grads(model, loss_fn, probe_names):
@@ -140,14 +151,6 @@ def test_same_gradients_with_checkpointing(family):
 
 
 def test_unsupported_model_is_named():
-    from hf_rq import DQVAEModel
-
-    dqvae = DQVAEModel(sample_size=16, block_out_channels=(8, 8, 8), layers_per_block=1, attn_resolutions=(),
-                       decoder_block_out_channels=(8, 8), decoder_layers_per_block=1, decoder_attn_resolutions=(),
-                       latent_channels=4, embed_dim=4, codebook_size=8, norm_num_groups=4, router_type="feature",
-                       router_norm_num_groups=2)
-    with pytest.raises(ValueError, match="DQVAEModel does not support gradient checkpointing"):
-        enable_gradient_checkpointing(dqvae)
     with pytest.raises(ValueError, match="neither a transformers nor a diffusers model"):
         enable_gradient_checkpointing(torch.nn.Linear(2, 2))
 

@@ -34,7 +34,8 @@ def enable_gradient_checkpointing(model) -> None:
     """Recompute each transformer block (priors) or encoder/decoder block (tokenizers) in the backward pass.
 
     Priors are transformers models whose repeated block is a ``GradientCheckpointingLayer``; tokenizers are
-    diffusers models whose diffusers ``Encoder`` / ``Decoder`` checkpoint their blocks. Both use non-reentrant
+    diffusers models whose ``Encoder`` / ``Decoder`` (and the DQ-VAE's multi-granularity encoder) checkpoint
+    their blocks. Both use non-reentrant
     ``torch.utils.checkpoint``, which restores the RNG state, so dropout draws the same masks and the gradients
     equal those without checkpointing.
     """

@@ -20,6 +20,8 @@ install_requires = [
 
 extras = {
     "train": ["tensorboard>=2.16"],
+    # Optional: ZeRO-2/3 through Accelerate (training/accelerate_configs/deepspeed_zero*.yaml); builds its ops on use.
+    "deepspeed": ["deepspeed>=0.15"],
     "test": ["pytest>=8", "scipy>=1.11", "scikit-learn>=1.4", "scikit-image>=0.22", "tensorboard>=2.16"],
 }
 extras["dev"] = sorted(set(extras["train"] + extras["test"] + ["ruff"]))

@@ -26,10 +26,11 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from hf_rq.training import (
-    ImageDataset, ImageTransform, add_data_arguments, add_training_arguments, cache_codes, check_resolution,
-    check_tokenizer_input, load_image_data, log_image_grid, make_accelerator, make_model_card, make_scheduler,
-    parse_config_argument, prepare_resumable_state, push_folder_to_hub, save_checkpoint, step_generator,
-    training_length, validate_training_arguments, write_rank_report,
+    ImageDataset, ImageTransform, add_data_arguments, add_training_arguments, cache_codes, check_parallelism,
+    check_resolution, check_tokenizer_input, enable_gradient_checkpointing, gathered_model, load_image_data,
+    log_image_grid, make_accelerator, make_model_card, make_scheduler, parse_config_argument, prepare_resumable_state,
+    push_folder_to_hub, save_checkpoint, step_generator, training_length, validate_training_arguments,
+    write_rank_report,
 )
 from hf_rq.training.priors import PRIORS, get_prior_spec
 
@@ -83,6 +84,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     accelerator = make_accelerator(args, "train_prior")
+    check_parallelism(accelerator, args)
     set_seed(args.seed)
     spec = get_prior_spec(args.model)
 
@@ -101,7 +103,10 @@ def main(argv=None):
         prior = spec.build_prior(tokenizer, parse_config_argument(args.model_config), data.num_classes, args)
     spec.set_class_names(prior, data.id2label)
     spec.prepare_for_training(prior, args)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(prior)
     prior.train()
+    prior_cls, prior_config = type(prior), prior.config  # to rebuild a plain copy from FSDP / ZeRO-3 shards
 
     # Step 1: the codes of every training image (both orientations with --random_flip), cached once.
     cache_root = Path(args.code_cache_dir or Path(args.output_dir) / "code_cache")
@@ -133,7 +138,7 @@ def main(argv=None):
     ema, state, guard = prepare_resumable_state(accelerator, args, unwrapped)
 
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info(f"{type(unwrapped).__name__}: {sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters, "
+    logger.info(f"{prior_cls.__name__}: {sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters, "
                 f"{len(train_codes)} code grids, {max_steps} steps of {total_batch}, {steps_per_epoch} steps/epoch")
     progress = tqdm(total=max_steps, initial=state.step, desc="steps", disable=not accelerator.is_local_main_process)
     seen_indices: list[int] = []
@@ -172,8 +177,10 @@ def main(argv=None):
                 progress.set_postfix(loss=f"{logs['loss']:.4f}")
             if state.step % args.checkpointing_steps == 0 or state.step == max_steps:
                 save_checkpoint(accelerator, args.output_dir, state, args.checkpoints_total_limit)
-            if state.step % args.validation_steps == 0 and accelerator.is_main_process:
-                validate(args, accelerator, spec, tokenizer, unwrapped, ema, data, val_codes, state.step)
+            if state.step % args.validation_steps == 0:
+                plain = gathered_model(accelerator, prior, prior_cls, prior_config)  # all ranks: a collective
+                if accelerator.is_main_process:
+                    validate(args, accelerator, spec, tokenizer, plain, ema, data, val_codes, state.step)
             if state.step >= max_steps:
                 break
         else:
@@ -184,14 +191,15 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     if args.write_rank_report:
         write_rank_report(args, accelerator, seen_indices, unwrapped)
+    final = gathered_model(accelerator, prior, prior_cls, prior_config)  # sharded: gathered into a plain copy
     if accelerator.is_main_process:
         if ema is not None:
-            ema.copy_to(unwrapped.parameters())
-        unwrapped.eval()
-        pipeline = spec.make_pipeline(tokenizer, unwrapped)
+            ema.copy_to(final.parameters())
+        final.eval()
+        pipeline = spec.make_pipeline(tokenizer, final)
         pipeline.save_pretrained(args.output_dir)
-        metrics = validate(args, accelerator, spec, tokenizer, unwrapped, None, data, val_codes, state.step, final=True)
-        finish(args, pipeline, unwrapped, data, metrics)
+        metrics = validate(args, accelerator, spec, tokenizer, final, None, data, val_codes, state.step, final=True)
+        finish(args, pipeline, final, data, metrics)
     accelerator.end_training()
     return state
 

@@ -25,11 +25,11 @@ from tqdm.auto import tqdm
 
 from hf_rq.training import (
     DiscriminatorLoss, NLayerDiscriminator, TokenizerLoss, TokenizerLossConfig, TOKENIZERS, add_data_arguments,
-    add_training_arguments, check_resolution, check_tokenizer_input, codebook_size, codebook_statistics, collate,
-    downsample_factor, last_decoder_layer, load_image_data, load_lpips, log_image_grid, make_accelerator,
-    make_model_card, make_scheduler, parse_config_argument, prepare_resumable_state, push_folder_to_hub,
-    reconstruction_grid_images, reconstruction_metrics, save_checkpoint, training_length,
-    validate_training_arguments, write_rank_report,
+    add_training_arguments, check_parallelism, check_resolution, check_tokenizer_input, codebook_size,
+    codebook_statistics, collate, downsample_factor, enable_gradient_checkpointing, last_decoder_layer,
+    load_image_data, load_lpips, log_image_grid, make_accelerator, make_model_card, make_scheduler,
+    parse_config_argument, prepare_resumable_state, push_folder_to_hub, reconstruction_grid_images,
+    reconstruction_metrics, save_checkpoint, training_length, validate_training_arguments, write_rank_report,
 )
 
 logger = logging.getLogger("train_tokenizer")
@@ -72,6 +72,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     accelerator = make_accelerator(args, "train_tokenizer")
+    check_parallelism(accelerator, args, allow_sharding=False)
     set_seed(args.seed)
     spec = TOKENIZERS[args.model]
 
@@ -88,6 +89,8 @@ def main(argv=None):
     perceptual = load_lpips(args.vgg_weights, args.lpips_weights, args.allow_pickle) if args.perceptual_weight > 0 else None
     discriminator = NLayerDiscriminator(3, args.disc_channels, args.disc_layers) if args.disc_weight > 0 else None
     num_codes = codebook_size(model)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     model.train()
 
     train_dataloader = torch.utils.data.DataLoader(
@@ -203,9 +206,10 @@ def validate(args, accelerator, model, ema, data, num_codes, step, final=False):
     metrics = {f"val_{k}": v for k, v in metrics.items()}
     accelerator.log({k: v for k, v in metrics.items() if k != "val_num_images"}, step=step)
     images = reconstruction_grid_images(model, dataset, args.num_validation_images)
-    name = "final" if final else f"step-{step}"
-    log_image_grid(accelerator, "reconstructions", images, step, rows=2,
-                   save_to=Path(args.output_dir) / "validation" / f"reconstructions-{name}.png")
+    if images:
+        name = "final" if final else f"step-{step}"
+        log_image_grid(accelerator, "reconstructions", images, step, rows=2,
+                       save_to=Path(args.output_dir) / "validation" / f"reconstructions-{name}.png")
     if ema is not None:
         ema.restore(model.parameters())
     return metrics

@@ -307,6 +307,10 @@ class CTFForImageGeneration(CTFPreTrainedModel, GenerationMixin):
             fine_temperature=1.1, fine_top_k=None, fine_top_p=None, fine_guidance_scale=1.0, in_cluster_mask=False,
         )
 
+    def get_input_embeddings(self) -> nn.Module:
+        # Stage 1's token table: the module FSDP and other transformers tooling ask for by this name.
+        return self.coarse_model.get_input_embeddings()
+
     # -- clustering --------------------------------------------------------------------------------------
 
     @property

@@ -255,6 +255,9 @@ class DQTransformerForImageGeneration(DQTransformerPreTrainedModel, GenerationMi
         self.generation_config = GenerationConfig(do_sample=True, temperature=1.0, top_k=300, top_p=1.0,
                                                   **DQ_GENERATION_DEFAULTS)
 
+    def get_input_embeddings(self) -> nn.Module:
+        return self.content_embedding
+
     # ----------------------------------------------------------------------------------- inputs
     def _class_ids(self, class_labels, batch_size: int, device) -> torch.LongTensor:
         c = self.config

@@ -109,6 +109,7 @@ class MultiGrainEncoder(nn.Module):
                  attn_resolutions, sample_size: int, num_grains: int, norm_num_groups: int):
         super().__init__()
         self.num_grains = num_grains
+        self.gradient_checkpointing = False  # set by DQVAEModel.enable_gradient_checkpointing() (diffusers)
         self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], 3, padding=1)
         self.down_blocks = nn.ModuleList()
         out = block_out_channels[0]
@@ -131,10 +132,11 @@ class MultiGrainEncoder(nn.Module):
         h = self.conv_in(images)
         for i, block in enumerate(self.down_blocks):
             attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
+            checkpointed = torch.is_grad_enabled() and self.gradient_checkpointing
             for resnet, attn in zip(block.resnets, attentions):
-                h = resnet(h, temb=None)
+                h = self._gradient_checkpointing_func(resnet, h, None) if checkpointed else resnet(h, temb=None)
                 if attn is not None:
-                    h = attn(h)
+                    h = self._gradient_checkpointing_func(attn, h) if checkpointed else attn(h)
             taps[i] = h  # tapped before the level's downsampling
             if block.downsamplers is not None:
                 h = block.downsamplers[0](h)
@@ -230,7 +232,7 @@ class DQVAEModel(BundledModelsMixin, ModelMixin, ConfigMixin):
         norm_num_groups (`int`): GroupNorm groups of encoder and decoder.
     """
 
-    _supports_gradient_checkpointing = False
+    _supports_gradient_checkpointing = True
     _skip_layerwise_casting_patterns = ["quantizer"]
 
     @register_to_config

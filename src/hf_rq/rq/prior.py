@@ -229,6 +229,11 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
         self.post_init()
         self.generation_config = GenerationConfig(do_sample=True, temperature=1.0)
 
+    def get_input_embeddings(self) -> nn.Module:
+        # Codes enter through the fixed codebook buffer and this projection (there is no token table); FSDP and
+        # other transformers tooling ask for the input module by this name.
+        return self.spatial_input_proj
+
     # ------------------------------------------------------------------------------ codebook
     @classmethod
     def from_tokenizer(cls, config: RQTransformerConfig, tokenizer) -> "RQTransformerForImageGeneration":

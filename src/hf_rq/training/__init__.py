@@ -5,6 +5,7 @@
   NaN/inf guard, codebook usage statistics.
 * `checkpointing`: atomic rotating checkpoints and exact resume on top of Accelerate.
 * `code_cache`: encode a dataset once with a frozen tokenizer into a fingerprinted `datasets` dataset.
+* `distributed`: gradient checkpointing, and what FSDP / DeepSpeed ZeRO change (gathered final model, checks).
 * `common`: flags, the Accelerator, schedules, per-step generators, image-grid logging.
 * `hub`: model cards and upload.
 
@@ -23,6 +24,9 @@ from .common import (
 from .data import (
     DataConfigError, ImageData, ImageDataset, ImageTransform, add_data_arguments, check_resolution, collate,
     load_image_data,
+)
+from .distributed import (
+    ParallelismConfigError, check_parallelism, enable_gradient_checkpointing, gathered_model, params_are_sharded, sharding,
 )
 from .families import (
     TOKENIZERS, FamilyNotAvailableError, WrongModelClassError, check_tokenizer_input, codebook_size, downsample_factor,

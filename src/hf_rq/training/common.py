@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .distributed import local_tensor
+
 logger = logging.getLogger("hf_rq.training")
 
 
@@ -42,6 +44,9 @@ def add_training_arguments(parser, default_lr: float = 1e-4) -> None:
                    help="Deterministic GPU kernels (slower): on GPUs, bit-exact resume needs it; CPU runs are deterministic anyway.")
     g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                    help="Default: the `accelerate config` / launcher setting.")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="Recompute each block's activations in the backward pass: less memory, about a third more "
+                        "compute (see benchmarks/bench_training_memory.py).")
     g.add_argument("--use_ema", action="store_true",
                    help="Keep an exponential moving average of the weights; the final model is the EMA.")
     g.add_argument("--ema_decay", type=float, default=0.999)
@@ -181,6 +186,7 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         h.update(name.encode())
+        tensor = local_tensor(tensor)  # under FSDP: this rank's shard
         h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return h.hexdigest()
 

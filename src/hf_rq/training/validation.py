@@ -42,10 +42,12 @@ def reconstruction_metrics(model, dataset, codebook_size: int, batch_size: int =
 @torch.no_grad()
 def reconstruction_grid_images(model, dataset, num_images: int, device=None) -> list:
     """First ``num_images`` of ``dataset`` and their reconstructions, as PIL images: originals then reconstructions."""
+    n = min(num_images, len(dataset))
+    if n <= 0:  # --num_validation_images 0
+        return []
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
-    n = min(num_images, len(dataset))
     images = torch.stack([dataset[i]["pixel_values"] for i in range(n)]).to(device)
     recon = model(images).sample
     model.train(was_training)

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, GenerationConfig, GenerationMixin, PreTrainedConfig
 # diffusers finds a component's load method by looking the base classes up *in the module recorded in

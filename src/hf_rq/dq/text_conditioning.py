@@ -20,6 +20,7 @@ unconditional model. See ``tests/fixtures/dq_t2i/README.md`` for what the parity
 
 from __future__ import annotations
 
+import warnings
 from typing import Mapping
 
 import torch
@@ -84,13 +85,11 @@ def encode_prompt(tokenizer, text_encoder, prompts: list[str], device=None) -> t
     """Captions -> the authors' text features `(B, D)`: CLIP ids padded with 0 to the context length (their
     ``clip.tokenize``; longer captions are truncated to it, end-of-text kept, with a warning), then the projected
     end-of-text hidden state."""
-    from transformers.utils import logging
-
     n_ctx = tokenizer.model_max_length
     ids = tokenizer(prompts, padding="max_length", max_length=n_ctx, truncation=False)["input_ids"]
     too_long = [p for p, row in zip(prompts, ids) if len(row) > n_ctx]
     if too_long:
-        logging.get_logger(__name__).warning(
+        warnings.warn(
             f"{len(too_long)} prompt(s) longer than the text encoder's context of {n_ctx} tokens were truncated "
             f"(end-of-text kept), e.g. {too_long[0][:60]!r}")
         ids = tokenizer(prompts, padding="max_length", max_length=n_ctx, truncation=True)["input_ids"]

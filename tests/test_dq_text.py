@@ -118,7 +118,8 @@ def test_cached_and_uncached_agree_when_sampling(prior, ref):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
     per_image = prior.generate(generator=[torch.Generator().manual_seed(i) for i in range(4)],
                                text_features=ref["text_features"])
-    assert per_image[0].shape == (4, 8, 8)
+    alone = prior.generate(generator=torch.Generator().manual_seed(2), text_features=ref["text_features"][2:3])
+    assert per_image[0].shape == (4, 8, 8) and torch.equal(per_image[0][2:3], alone[0])
 
 
 def test_prior_bad_inputs(prior, ref):
@@ -177,6 +178,10 @@ def test_pipeline_bad_inputs(pipe, prior):
     no_text = DQTransformerPipeline(vqvae=pipe.vqvae, transformer=prior)
     with pytest.raises(ValueError, match="needs its tokenizer and text_encoder"):
         no_text(prompt="a")
+    unprojected = DQTransformerPipeline(vqvae=pipe.vqvae, transformer=prior, tokenizer=pipe.tokenizer,
+                                        text_encoder=pipe.text_encoder.text_model)
+    with pytest.raises(ValueError, match="CLIPTextModelWithProjection"):
+        unprojected(prompt="a")
 
 
 def test_prompt_to_a_class_model(fixtures_dir):

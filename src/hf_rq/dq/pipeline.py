@@ -72,6 +72,10 @@ class DQTransformerPipeline(BundledModelsMixin, ClassLabelsMixin, DiffusionPipel
         if tc.text_feature_size:
             if self.tokenizer is None or self.text_encoder is None:
                 raise ValueError("the DQ-Transformer is text-conditional: the pipeline needs its tokenizer and text_encoder")
+            if not hasattr(self.text_encoder, "text_projection"):
+                # CLIPTextModel stops before the projection; the authors' encode_text includes it
+                raise ValueError(f"text_encoder must be a CLIPTextModelWithProjection (the authors' features are the "
+                                 f"projected end-of-text state), got {type(self.text_encoder).__name__}")
             width = getattr(self.text_encoder.config, "projection_dim", None)
             if width != tc.text_feature_size:
                 raise ValueError(f"the text encoder gives {width}-d features, the DQ-Transformer reads "

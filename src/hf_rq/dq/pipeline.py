@@ -81,6 +81,23 @@ class DQTransformerPipeline(BundledModelsMixin, ClassLabelsMixin, DiffusionPipel
                 raise ValueError(f"the text encoder gives {width}-d features, the DQ-Transformer reads "
                                  f"text_feature_size={tc.text_feature_size}")
 
+    def prepare_prompt_features(self, prompt, negative_prompt, class_labels, num_images_per_prompt: int):
+        """-> ``(text features (N, D), N)`` for a text-to-image prior (one row per image), ``(None, None)`` for a
+        class / unconditional one; refuses a prompt to a class model, class labels to a text model, and
+        ``negative_prompt`` (the authors' DQ models have no null text to guide with)."""
+        if not self.transformer.config.text_feature_size:
+            if prompt is not None or negative_prompt is not None:
+                raise ValueError("this DQ-Transformer is not text-conditional (class-conditional or unconditional): it "
+                                 "takes no prompt / negative_prompt; pass class_labels")
+            return None, None
+        if class_labels is not None:
+            raise ValueError("this DQ-Transformer is text-conditional: pass prompt, not class_labels")
+        prompts, negatives = prepare_prompts(prompt, negative_prompt, num_images_per_prompt)
+        if negatives is not None:
+            raise ValueError("negative_prompt needs classifier-free guidance, and this DQ-Transformer has no null text "
+                             "to guide with (the authors' text-to-image model is trained without caption dropout)")
+        return self.encode_prompt(prompts), len(prompts)
+
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         """Prompts -> text features `(B, D)` for the prior (CLIP ids padded to the context, longer ones truncated
         with a warning, as the authors' ``clip.tokenize``)."""
@@ -148,26 +165,15 @@ class DQTransformerPipeline(BundledModelsMixin, ClassLabelsMixin, DiffusionPipel
             return_dict (`bool`): return a :class:`DQPipelineOutput` rather than a tuple.
         """
         check_output_type(output_type)
+        self.check_components()
+        text_features, batch_size = self.prepare_prompt_features(prompt, negative_prompt, class_labels,
+                                                                 num_images_per_prompt)
+        if text_features is None:
+            class_labels, batch_size = self.prepare_class_labels(class_labels, num_images_per_prompt)
         overrides = generation_overrides(temperature=temperature, top_k=top_k, top_p=top_p,
                                          position_top_k=position_top_k, position_top_p=position_top_p,
                                          fix_fine_position=fix_fine_position, do_sample=do_sample,
                                          guidance_scale=guidance_scale)
-        text_features = None
-        if self.transformer.config.text_feature_size:
-            if class_labels is not None:
-                raise ValueError("this DQ-Transformer is text-conditional: pass prompt, not class_labels")
-            prompts, negatives = prepare_prompts(prompt, negative_prompt, num_images_per_prompt)
-            if negatives is not None:
-                raise ValueError("negative_prompt needs classifier-free guidance, and this DQ-Transformer has no null "
-                                 "text to guide with (the authors' text-to-image model is trained without caption dropout)")
-            self.check_components()
-            text_features, batch_size = self.encode_prompt(prompts), len(prompts)
-        else:
-            if prompt is not None or negative_prompt is not None:
-                raise ValueError("this DQ-Transformer is not text-conditional (class-conditional or unconditional): it "
-                                 "takes no prompt / negative_prompt; pass class_labels")
-            self.check_components()
-            class_labels, batch_size = self.prepare_class_labels(class_labels, num_images_per_prompt)
         codes, granularity = self.transformer.generate(class_labels, batch_size=batch_size, generator=generator,
                                                        progress_bar=self.progress_bar, return_dict_in_generate=False,
                                                        text_features=text_features, **overrides)

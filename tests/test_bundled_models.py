@@ -32,8 +32,8 @@ def test_loads_offline_in_float32_with_attribution(bundled):
     folder = hub.bundled_path(name)
     for notice in ("ATTRIBUTION.txt", "LICENSE-Noto-Emoji-Apache-2.0.txt", "LICENSE-emoji-data-MIT.txt"):
         assert (folder / notice).is_file(), notice
-    for component in pipe.components.values():
-        assert all(p.dtype == torch.float32 for p in component.parameters())
+    for component in pipe.components.values():  # optional text components of a class model are None
+        assert component is None or all(p.dtype == torch.float32 for p in component.parameters())
     assert [pipe.transformer.config.id2label[i] for i in range(9)] == CLASSES
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] == type(pipe).__name__
     # the components load by the short name too (diffusers ModelMixin / transformers PreTrainedModel)

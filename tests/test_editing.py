@@ -164,13 +164,17 @@ def test_best_of_n_keeps_known_tokens(family, images):
 def test_generator_list_gives_each_edit_its_own_draws(family, images, num_candidates):
     """One generator per output image (as in sampling): image i's edit depends on generator[i] only, with or
     without best-of-n (its candidates draw from its own generator)."""
-    _, pipe = family
+    name, pipe = family
     mask = centre_mask()[None]
     both = pipe([LABEL, "objects"], image=images, mask_image=mask.repeat(2, 0), generator=[seeded(3), seeded(4)],
                 num_candidates=num_candidates, output_type="latent").images
     alone = pipe(["objects"], image=images[1:], mask_image=mask, generator=[seeded(4)],
                  num_candidates=num_candidates, output_type="latent").images
     assert torch.equal(both[1], alone[0])
+    codes, _ = encode(name, pipe, images)
+    g = 4 if name == "dq" else 8
+    cm = code_mask(name, pipe, mask_to_token_grid(torch.from_numpy(mask) >= 0.5, g, g)[0])
+    assert torch.equal(both[:, ~cm], codes[:, ~cm])  # the edit is still an edit: kept tokens are the input's
     with pytest.raises(ValueError, match="generator"):
         pipe([LABEL, "objects"], image=images, mask_image=mask.repeat(2, 0), generator=[seeded(3)],
              num_candidates=num_candidates, output_type="latent")

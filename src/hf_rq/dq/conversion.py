@@ -311,6 +311,9 @@ _DQT_RENAMES = {
     "content_head.0.weight": "content_norm.weight",
     "content_head.0.bias": "content_norm.bias",
     "content_head.1.weight": "content_head.weight",
+    # the text prefix of a text-to-image model (see hf_rq.dq.text_conditioning)
+    "text_projection.weight": "text_projection.weight",
+    "text_projection.bias": "text_projection.bias",
 }
 
 
@@ -437,10 +440,18 @@ def convert_dqtransformer(state_dict: Mapping[str, torch.Tensor], config: Mappin
     from .prior import DQ_GENERATION_DEFAULTS, DQTransformerConfig, DQTransformerForImageGeneration
 
     kwargs = dqtransformer_config_from_official(config)
+    text_key = prefix + "text_projection.weight"
+    if is_text_to_image(config):
+        if "text_encoder.text_projection" not in state_dict or text_key not in state_dict:
+            raise CheckpointError(
+                f"a text-to-image Dualformer needs 'text_encoder.*' weights and the text prefix projection {text_key!r}; "
+                "the published StackGPT has no layer that reads the text (it drops `cond`), so a checkpoint of the "
+                "published code cannot condition on text")
+        kwargs["text_feature_size"] = int(state_dict["text_encoder.text_projection"].shape[1])
     cfg = build_prior_config(DQTransformerConfig, kwargs, "DQ-Transformer", id2label)
     model = DQTransformerForImageGeneration(cfg)
     if prefix:
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("first_stage_model.")}
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("first_stage_model.", "text_encoder."))}
     converted = convert_dqtransformer_state_dict(state_dict, prefix)
     check_state_dict(converted, model, "DQ-Transformer checkpoint")
     model.load_state_dict(converted, strict=True)
@@ -452,6 +463,32 @@ def convert_dqtransformer(state_dict: Mapping[str, torch.Tensor], config: Mappin
             generation[ours] = sampling[theirs]
     model.generation_config = GenerationConfig(**generation)
     return model.eval()
+
+
+def is_text_to_image(config: Mapping) -> bool:
+    """The authors' t2i Dualformer (``dqtransformer_t2i``): a ``text_encoder_config`` next to the transformer."""
+    target, params = _target_and_params(config, "DQ-Transformer")
+    return "text_encoder_config" in params or target.endswith("dqtransformer_t2i.Dualformer")
+
+
+def _text_components(args, state_dict, full) -> dict:
+    """``tokenizer`` + ``text_encoder`` of a text-to-image pipeline (empty for class / unconditional models)."""
+    if not is_text_to_image(full):
+        return {}
+    from transformers import CLIPTokenizer
+
+    from .text_conditioning import clip_tokenizer_from_bpe, load_clip_text_encoder
+
+    encoder = load_clip_text_encoder(state_dict, "text_encoder.")
+    if args.clip_tokenizer:
+        tokenizer = CLIPTokenizer.from_pretrained(args.clip_tokenizer)
+    elif args.bpe_vocab:
+        tokenizer = clip_tokenizer_from_bpe(args.bpe_vocab, encoder.config.max_position_embeddings)
+    else:
+        raise CheckpointError("a text-to-image pipeline needs its tokenizer: --clip-tokenizer DIR (a CLIPTokenizer) or "
+                              "--bpe-vocab bpe_simple_vocab_16e6.txt.gz (CLIP's merges file)")
+    tokenizer.model_max_length = encoder.config.max_position_embeddings
+    return dict(tokenizer=tokenizer, text_encoder=encoder)
 
 
 def _run_dqtransformer(args) -> None:
@@ -485,8 +522,9 @@ def _run_dqtransformer(args) -> None:
     else:
         raise CheckpointError("--pipeline needs the DQ-VAE: a checkpoint with first_stage_model.* keys, --dqvae DIR, or "
                               "--dqvae-checkpoint [--dqvae-config]")
-    DQTransformerPipeline(vqvae=vqvae, transformer=model).save_pretrained(args.output)
-    print(f"wrote DQTransformerPipeline (vqvae + transformer) to {args.output}")
+    text = _text_components(args, state_dict, full)
+    DQTransformerPipeline(vqvae=vqvae, transformer=model, **text).save_pretrained(args.output)
+    print(f"wrote DQTransformerPipeline (vqvae + transformer{' + tokenizer + text_encoder' if text else ''}) to {args.output}")
 
 
 def _register_dqtransformer(subparsers) -> None:
@@ -501,5 +539,8 @@ def _register_dqtransformer(subparsers) -> None:
     p.add_argument("--dqvae", default=None, help="with --pipeline: a converted DQVAEModel folder")
     p.add_argument("--dqvae-checkpoint", default=None, help="with --pipeline: the authors' DQ-VAE checkpoint")
     p.add_argument("--dqvae-config", default=None, help="with --dqvae-checkpoint: its config (default: first_stage_config)")
+    p.add_argument("--clip-tokenizer", default=None, help="text-to-image, with --pipeline: a CLIPTokenizer folder")
+    p.add_argument("--bpe-vocab", default=None,
+                   help="text-to-image, with --pipeline: CLIP's merges file (bpe_simple_vocab_16e6.txt.gz) to build it")
     _add_threshold_arguments(p)
     p.set_defaults(func=_run_dqtransformer)

@@ -1,4 +1,4 @@
-"""Class-conditional (or unconditional) image generation with a DQ-Transformer and its DQ-VAE."""
+"""Class-conditional, text-conditional or unconditional image generation with a DQ-Transformer and its DQ-VAE."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from ..editing import EditingPipelineMixin
 from ..image_processing import numpy_to_pil, postprocess_images
 from ..hub import BundledModelsMixin
-from ..pipeline_utils import ClassLabelsMixin, check_output_type, generation_overrides
+from ..pipeline_utils import ClassLabelsMixin, check_output_type, generation_overrides, prepare_prompts
 from .editing import DQKnownTokens
 from .prior import DQTransformerForImageGeneration
+from .text_conditioning import encode_prompt
 from .tokenizer import DQVAEModel
 
 
@@ -32,11 +33,15 @@ class DQPipelineOutput(ImagePipelineOutput):
 
 
 class DQTransformerPipeline(BundledModelsMixin, ClassLabelsMixin, EditingPipelineMixin, DiffusionPipeline):
-    r"""DQ-Transformer image generation: class label in, image (and optionally its granularity map) out.
+    r"""DQ-Transformer image generation: class label or prompt in, image (and optionally its granularity map) out.
 
     Components:
         vqvae ([`DQVAEModel`]): the dynamic tokenizer; decodes the sampled code map `(B, hf, hf)`.
         transformer ([`DQTransformerForImageGeneration`]): the prior; samples coarse then fine tokens.
+        tokenizer ([`~transformers.CLIPTokenizer`], *optional*), text_encoder
+            ([`~transformers.CLIPTextModelWithProjection`], *optional*): text-to-image models only; the prompt's
+            features are the authors' ``encode_text`` (projected end-of-text state), see
+            :mod:`hf_rq.dq.text_conditioning`.
 
     Example:
         ```py
@@ -44,14 +49,18 @@ class DQTransformerPipeline(BundledModelsMixin, ClassLabelsMixin, EditingPipelin
         >>> pipe = DQTransformerPipeline.from_pretrained("path/or/repo")
         >>> out = pipe(class_labels="golden retriever", generator=torch.Generator().manual_seed(0), return_granularity=True)
         >>> pipe.draw_granularity(out.images, out.granularity)[0].save("sample_with_grid.png")
+        >>> text_pipe = DQTransformerPipeline.from_pretrained("path/to/text-to-image")
+        >>> text_pipe(prompt="a red apple").images[0].save("apple.png")
         ```
     """
 
-    model_cpu_offload_seq = "transformer->vqvae"
+    model_cpu_offload_seq = "text_encoder->transformer->vqvae"
+    _optional_components = ["tokenizer", "text_encoder"]
 
-    def __init__(self, vqvae: DQVAEModel, transformer: DQTransformerForImageGeneration):
+    def __init__(self, vqvae: DQVAEModel, transformer: DQTransformerForImageGeneration, tokenizer=None,
+                 text_encoder=None):
         super().__init__()
-        self.register_modules(vqvae=vqvae, transformer=transformer)
+        self.register_modules(vqvae=vqvae, transformer=transformer, tokenizer=tokenizer, text_encoder=text_encoder)
 
     def check_components(self) -> None:
         """Raise ``ValueError`` unless the DQ-VAE and the prior share the codebook size and the grids."""
@@ -62,6 +71,39 @@ class DQTransformerPipeline(BundledModelsMixin, ClassLabelsMixin, EditingPipelin
         expected = dict(codebook_size=tc.codebook_size, coarse_grid_size=tc.coarse_grid_size)
         if found != expected:
             raise ValueError(f"the DQ-VAE {found} does not fit the DQ-Transformer {expected}")
+        if tc.text_feature_size:
+            if self.tokenizer is None or self.text_encoder is None:
+                raise ValueError("the DQ-Transformer is text-conditional: the pipeline needs its tokenizer and text_encoder")
+            if not hasattr(self.text_encoder, "text_projection"):
+                # CLIPTextModel stops before the projection; the authors' encode_text includes it
+                raise ValueError(f"text_encoder must be a CLIPTextModelWithProjection (the authors' features are the "
+                                 f"projected end-of-text state), got {type(self.text_encoder).__name__}")
+            width = getattr(self.text_encoder.config, "projection_dim", None)
+            if width != tc.text_feature_size:
+                raise ValueError(f"the text encoder gives {width}-d features, the DQ-Transformer reads "
+                                 f"text_feature_size={tc.text_feature_size}")
+
+    def prepare_prompt_features(self, prompt, negative_prompt, class_labels, num_images_per_prompt: int):
+        """-> ``(text features (N, D), N)`` for a text-to-image prior (one row per image), ``(None, None)`` for a
+        class / unconditional one; refuses a prompt to a class model, class labels to a text model, and
+        ``negative_prompt`` (the authors' DQ models have no null text to guide with)."""
+        if not self.transformer.config.text_feature_size:
+            if prompt is not None or negative_prompt is not None:
+                raise ValueError("this DQ-Transformer is not text-conditional (class-conditional or unconditional): it "
+                                 "takes no prompt / negative_prompt; pass class_labels")
+            return None, None
+        if class_labels is not None:
+            raise ValueError("this DQ-Transformer is text-conditional: pass prompt, not class_labels")
+        prompts, negatives = prepare_prompts(prompt, negative_prompt, num_images_per_prompt)
+        if negatives is not None:
+            raise ValueError("negative_prompt needs classifier-free guidance, and this DQ-Transformer has no null text "
+                             "to guide with (the authors' text-to-image model is trained without caption dropout)")
+        return self.encode_prompt(prompts), len(prompts)
+
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> text features `(B, D)` for the prior (CLIP ids padded to the context, longer ones truncated
+        with a warning, as the authors' ``clip.tokenize``)."""
+        return encode_prompt(self.tokenizer, self.text_encoder, prompts, device=self.text_encoder.device)
 
     @staticmethod
     def draw_granularity(images, granularity: torch.Tensor, alpha: float = 0.35) -> list[PIL.Image.Image]:
@@ -87,6 +129,9 @@ class DQTransformerPipeline(BundledModelsMixin, ClassLabelsMixin, EditingPipelin
         self,
         class_labels: int | str | list[int | str] | torch.LongTensor | None = None,
         num_images_per_prompt: int = 1,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        guidance_scale: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         temperature: float | None = None,
         top_k: int | None = None,
@@ -107,7 +152,11 @@ class DQTransformerPipeline(BundledModelsMixin, ClassLabelsMixin, EditingPipelin
         Args:
             class_labels: class ids or names (``transformer.config.id2label``), one per image; None for an
                 unconditional model.
-            num_images_per_prompt (`int`): images per label (for an unconditional model: the number of images).
+            num_images_per_prompt (`int`): images per label or prompt (for an unconditional model: the number of
+                images).
+            prompt (`str` or `list[str]`, *optional*): text-to-image models only, instead of class labels.
+            negative_prompt, guidance_scale: classifier-free guidance; the authors' DQ models (class and text) have
+                no null condition, so ``guidance_scale`` must stay None / 1 and ``negative_prompt`` None (clear error).
             generator (`torch.Generator` or a list of them, *optional*): the same generator state gives the same
                 images; a list holds one generator per image (image ``i`` then depends on ``generator[i]`` only).
             temperature, top_k, top_p: content sampling (one temperature for positions too, as the authors);
@@ -133,15 +182,23 @@ class DQTransformerPipeline(BundledModelsMixin, ClassLabelsMixin, EditingPipelin
         self.check_components()
         overrides = generation_overrides(temperature=temperature, top_k=top_k, top_p=top_p,
                                          position_top_k=position_top_k, position_top_p=position_top_p,
-                                         fix_fine_position=fix_fine_position, do_sample=do_sample)
+                                         fix_fine_position=fix_fine_position, do_sample=do_sample,
+                                         guidance_scale=guidance_scale)
         if image is not None or mask_image is not None:
+            if prompt is not None or negative_prompt is not None:
+                raise ValueError("editing (image / mask_image) takes class_labels, not a prompt: text-conditional "
+                                 "DQ editing is not supported yet")
             codes, granularity = self._edit(image, mask_image, class_labels, num_images_per_prompt, num_candidates,
                                             generator, overrides)
         else:
-            class_labels, batch_size = self.prepare_class_labels(class_labels, num_images_per_prompt)
+            text_features, batch_size = self.prepare_prompt_features(prompt, negative_prompt, class_labels,
+                                                                     num_images_per_prompt)
+            if text_features is None:
+                class_labels, batch_size = self.prepare_class_labels(class_labels, num_images_per_prompt)
             codes, granularity = self.transformer.generate(class_labels, batch_size=batch_size, generator=generator,
                                                            progress_bar=self.progress_bar,
-                                                           return_dict_in_generate=False, **overrides)
+                                                           return_dict_in_generate=False, text_features=text_features,
+                                                           **overrides)
         if output_type == "latent":
             images = codes
         else:

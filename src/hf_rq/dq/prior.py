@@ -39,6 +39,7 @@ from ..sampling import sample_tokens, top_k_logits
 from ..sampling_args import check_generator, validate_generation_config
 from ..transformer_blocks import GPTStack
 from .editing import DQKnownTokens
+from .text_conditioning import check_text_features, text_projection_layer
 from .tokens import FINE_POSITION_ORDERS, DQTokens, DQVocabulary, codes_to_tokens, tokens_to_codes, upsample_granularity
 from ..hub import BundledModelsMixin
 
@@ -54,6 +55,9 @@ class DQTransformerConfig(PreTrainedConfig):
         codebook_size (`int`): ``K``, codes of the DQ-VAE.
         coarse_grid_size (`int`): ``hc``; the fine grid is ``2 * hc`` (16 for the published 256 px model).
         num_classes (`int`): number of classes ``C``; 0 makes the model unconditional.
+        text_feature_size (`int`): width of the text encoder's features; > 0 makes the model text-conditional
+            (the authors' t2i Dualformer: unconditional start tokens plus a text prefix, see
+            :mod:`hf_rq.dq.text_conditioning`); requires ``num_classes = 0``.
         hidden_size (`int`): width ``E``.
         num_position_layers / num_content_layers (`int`): depth of the position and of the content stack.
         num_attention_heads (`int`): heads of both stacks.
@@ -74,6 +78,7 @@ class DQTransformerConfig(PreTrainedConfig):
     codebook_size: int = 1024
     coarse_grid_size: int = 16
     num_classes: int = 1000
+    text_feature_size: int = 0
     hidden_size: int = 1024
     num_position_layers: int = 6
     num_content_layers: int = 18
@@ -99,6 +104,9 @@ class DQTransformerConfig(PreTrainedConfig):
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be >= 0 (0 = unconditional), got {self.num_classes}")
+        if self.text_feature_size < 0 or (self.text_feature_size and self.num_classes):
+            raise ValueError(f"text_feature_size must be >= 0 and a text model has num_classes = 0, got "
+                             f"text_feature_size={self.text_feature_size}, num_classes={self.num_classes}")
         if self.fine_position_order not in FINE_POSITION_ORDERS:
             raise ValueError(f"fine_position_order must be one of {FINE_POSITION_ORDERS}, got {self.fine_position_order!r}")
 
@@ -243,6 +251,7 @@ class DQTransformerForImageGeneration(DQTransformerPreTrainedModel, GenerationMi
         self.segment_embedding = nn.Embedding(2, E) if config.use_segment_embedding else None
         self.sequence_position_embedding = nn.Parameter(torch.zeros(1, config.max_position_embeddings, E))
         self.embed_dropout = nn.Dropout(config.embd_pdrop)
+        self.text_projection = text_projection_layer(config)  # None unless text-conditional
         self.position_transformer = GPTStack(config.num_position_layers, E, config.num_attention_heads,
                                              config.attn_pdrop, config.resid_pdrop, config.layer_norm_eps)
         self.content_transformer = GPTStack(config.num_content_layers, E, config.num_attention_heads,
@@ -319,6 +328,7 @@ class DQTransformerForImageGeneration(DQTransformerPreTrainedModel, GenerationMi
         granularity: torch.LongTensor | None = None,
         class_labels: torch.LongTensor | None = None,
         tokens: DQTokens | None = None,
+        text_features: torch.FloatTensor | None = None,
         output_hidden_states: bool = False,
         return_dict: bool = True,
         **kwargs,
@@ -330,6 +340,8 @@ class DQTransformerForImageGeneration(DQTransformerPreTrainedModel, GenerationMi
                 converted with :func:`~hf_rq.dq.tokens.codes_to_tokens` (``config.fine_position_order``).
             class_labels (`torch.LongTensor` of shape `(B,)`): class ids (class-conditional models only).
             tokens (:class:`~hf_rq.dq.tokens.DQTokens`, *optional*): the token form instead of codes/granularity.
+            text_features (`torch.FloatTensor` of shape `(B, D)` or `(B, P, D)`): text models only, the text
+                encoder's features (a prefix of both stacks; logits and losses are those of the image rows).
 
         The alignment (ARCHITECTURE.md 2.4): with ``cc, cp`` (length ``Lc``) and ``fc, fp`` (``Lf``) the sequences
         with start tokens and ``T = Lc + Lf - 1``, the position stack reads ``cat(cc, fc)[:-1]`` with positions
@@ -355,6 +367,8 @@ class DQTransformerForImageGeneration(DQTransformerPreTrainedModel, GenerationMi
         if T > c.max_position_embeddings:
             raise ValueError(f"the sequence has {T} tokens, more than max_position_embeddings={c.max_position_embeddings}")
         B = cc.shape[0]
+        prefix = check_text_features(self, text_features, class_labels, B)
+        P = 0 if prefix is None else prefix.length
         content_in = self.content_embedding(torch.cat([cc, fc], 1)[:, :-1])
         positions = torch.cat([self.coarse_position_embedding(cp), self.fine_position_embedding(fp[:, :-1])], 1)
         positions = positions + self.sequence_position_embedding[:, :T]
@@ -362,9 +376,12 @@ class DQTransformerForImageGeneration(DQTransformerPreTrainedModel, GenerationMi
         if self.segment_embedding is not None:
             segments = torch.cat([cc.new_zeros(B, Lc), cc.new_ones(B, Lf)], 1)[:, :-1]
             x = x + self.segment_embedding(segments)
+        if P:
+            x = torch.cat([prefix.embeddings, x], 1)
         position_hidden = self.position_transformer(self.embed_dropout(x))
         next_positions = torch.cat([self.coarse_position_embedding(cp[:, 1:]), self.fine_position_embedding(fp)], 1)
-        content_hidden = self.content_transformer(position_hidden + next_positions)
+        content_in = torch.cat([position_hidden[:, :P], position_hidden[:, P:] + next_positions], 1)
+        position_hidden, content_hidden = position_hidden[:, P:], self.content_transformer(content_in)[:, P:]
         position_logits = self.position_head(self.position_norm(position_hidden))
         content_logits = self.content_head(self.content_norm(content_hidden))
 
@@ -428,6 +445,7 @@ class DQTransformerForImageGeneration(DQTransformerPreTrainedModel, GenerationMi
         generation_config: GenerationConfig | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         progress_bar: Callable | None = None,
+        text_features: torch.FloatTensor | None = None,
         known_codes: torch.LongTensor | None = None,
         known_granularity: torch.LongTensor | None = None,
         known_regions: torch.BoolTensor | None = None,
@@ -451,6 +469,8 @@ class DQTransformerForImageGeneration(DQTransformerPreTrainedModel, GenerationMi
                 holds one generator per image; since a DQ batch is not row-independent (finished images keep
                 feeding pad tokens that the others attend to), each image is then sampled in a batch of its own,
                 so that image ``i`` depends only on ``generator[i]`` (slower; ``output_scores`` is refused).
+            text_features (`torch.FloatTensor` `(B, D)` or `(B, P, D)`, *optional*): text models only, one row per
+                image (the pipeline encodes prompts with its ``text_encoder``); ``batch_size`` defaults to ``B``.
             progress_bar (`Callable`, *optional*): wraps the iterable over sampler steps (pipelines pass
                 ``self.progress_bar``); its total is the longest possible sequence, sampling stops at the end tokens.
             known_codes (`(B, hf, hf)`), known_granularity (`(B, hc, hc)`), known_regions (`(B, hc, hc)` bool),
@@ -474,16 +494,20 @@ class DQTransformerForImageGeneration(DQTransformerPreTrainedModel, GenerationMi
                                                "output_scores", "return_dict_in_generate"))
         if args["guidance_scale"] != 1.0:
             raise ValueError(f"guidance_scale={gc.guidance_scale!r}: the DQ-Transformer has no classifier-free guidance "
-                             "(the authors' model has no null class); leave it at None or 1")
+                             "(the authors' model has no null class / null text); leave it at None or 1")
         c, v = self.config, self.config.vocabulary
         do_sample, temperature, top_k, top_p, pos_top_k, pos_top_p = (args[k] for k in (
             "do_sample", "temperature", "top_k", "top_p", "position_top_k", "position_top_p"))
         device = self.content_embedding.weight.device
+        if text_features is not None and batch_size is None and isinstance(text_features, torch.Tensor):
+            batch_size = text_features.shape[0]
+        prefix = check_text_features(self, text_features, class_labels, batch_size)
         ids = resolve_generation_labels(class_labels, batch_size, self.config, device)
         B = ids.numel()
         generator = check_generator(generator, B)
         if isinstance(generator, list):
-            return self._generate_per_image(ids, gc, generator, progress_bar)
+            return self._generate_per_image(ids, gc, generator, progress_bar, text_features,
+                                            (known_codes, known_granularity, known_regions))
 
         def choose(logits, allowed, k, p):
             # The authors' order: temperature, masks (applied by the caller), top-k, softmax, top-p, draw.
@@ -499,7 +523,7 @@ class DQTransformerForImageGeneration(DQTransformerPreTrainedModel, GenerationMi
                 raise ValueError(f"known_codes holds {known_codes.shape[0]} images for a batch of {B}")
             known = DQKnownTokens(known_codes.to(device), known_granularity.to(device), known_regions, v,
                                   c.fine_position_order)
-        engine = _CachedEngine(self) if gc.use_cache is not False else _FullEngine(self)
+        engine = _CachedEngine(self, prefix) if gc.use_cache is not False else _FullEngine(self, prefix)
         scores = ([], []) if gc.output_scores else None
         content_start, coarse_start, fine_start = v.start_tokens(ids)
         seq = _Sequence(content_start, coarse_start)
@@ -612,8 +636,10 @@ class DQTransformerForImageGeneration(DQTransformerPreTrainedModel, GenerationMi
             content_scores=tuple(scores[1]) if scores is not None else None,
         )
 
-    def _generate_per_image(self, ids: torch.LongTensor, gc: GenerationConfig, generators: list, progress_bar):
-        """``generate`` with one generator per image: each image alone, the results stacked (tokens right-padded)."""
+    def _generate_per_image(self, ids: torch.LongTensor, gc: GenerationConfig, generators: list, progress_bar,
+                            text_features=None, known=(None, None, None)):
+        """``generate`` with one generator per image: each image alone, the results stacked (tokens right-padded).
+        ``text_features`` and the editing tensors ``known`` (codes, granularity, regions) are split per image."""
         if gc.output_scores:
             raise ValueError("output_scores=True is not supported with a list of generators (each image is sampled "
                              "alone, so the per-step scores of the batch do not exist); pass a single generator")
@@ -621,8 +647,13 @@ class DQTransformerForImageGeneration(DQTransformerPreTrainedModel, GenerationMi
         gc = copy.deepcopy(gc)
         gc.return_dict_in_generate = True
         ids = ids if self.config.num_classes > 0 else [None] * len(generators)
+        n = len(generators)
+        text = [None] * n if text_features is None else text_features.split(1)
+        known = [[None] * n if k is None else k.split(1) for k in known]
         outs = [self.generate(None if i is None else i.view(1), batch_size=1, generation_config=gc, generator=g,
-                              progress_bar=progress_bar) for i, g in zip(ids, generators)]
+                              progress_bar=progress_bar, text_features=f, known_codes=kc, known_granularity=kg,
+                              known_regions=kr)
+                for i, g, f, kc, kg, kr in zip(ids, generators, text, *known)]
         codes, granularity = torch.cat([o.codes for o in outs]), torch.cat([o.granularity for o in outs])
         if not as_dict:
             return codes, granularity
@@ -659,8 +690,8 @@ class _CachedEngine:
     coarse rows differently (see ``_content_input``); it is prefilled once, at the first fine step.
     """
 
-    def __init__(self, model: DQTransformerForImageGeneration):
-        self.model = model
+    def __init__(self, model: DQTransformerForImageGeneration, prefix=None):
+        self.model, self.prefix = model, prefix
         self.position_cache = DynamicCache()
         self.content_cache = DynamicCache()
         self.fed = 0
@@ -670,7 +701,12 @@ class _CachedEngine:
     def position_hidden(self, seq: _Sequence) -> torch.Tensor:
         m = self.model
         new = torch.stack([m._embed_token(seq, t) for t in range(self.fed, seq.length)], 1)
+        first = self.fed == 0 and self.prefix is not None  # the text prefix enters with the first step
+        if first:
+            new = torch.cat([self.prefix.embeddings, new], 1)
         out = m.position_transformer(m.embed_dropout(new), past_key_values=self.position_cache)
+        if first:
+            self.prefix.hidden, out = out[:, : self.prefix.length], out[:, self.prefix.length:]
         self.hidden.extend(out.unbind(1))
         self.fed = seq.length
         return out
@@ -680,10 +716,14 @@ class _CachedEngine:
         t = seq.length - 1  # the row being predicted from
         if seq.num_coarse is None:
             rows = m._content_input(seq, position_out[:, -1:], t, next_position[:, None])
+            if t == 0 and self.prefix is not None:
+                rows = torch.cat([self.prefix.hidden, rows], 1)
         elif not self.fine_prefilled:
             self.content_cache = DynamicCache()
             self.fine_prefilled = True
             rows = torch.stack([m._content_input(seq, self.hidden[r], r, next_position) for r in range(t + 1)], 1)
+            if self.prefix is not None:
+                rows = torch.cat([self.prefix.hidden, rows], 1)
         else:
             rows = m._content_input(seq, position_out[:, -1:], t, next_position[:, None])
         return m.content_transformer(rows, past_key_values=self.content_cache)[:, -1]
@@ -692,14 +732,19 @@ class _CachedEngine:
 class _FullEngine:
     """The authors' way: both stacks re-run on the whole prefix at every step (no cache). Reference path."""
 
-    def __init__(self, model: DQTransformerForImageGeneration):
-        self.model = model
+    def __init__(self, model: DQTransformerForImageGeneration, prefix=None):
+        self.model, self.prefix = model, prefix
         self.hidden = None
 
     def position_hidden(self, seq: _Sequence) -> torch.Tensor:
         m = self.model
         x = torch.stack([m._embed_token(seq, t) for t in range(seq.length)], 1)
+        P = 0 if self.prefix is None else self.prefix.length
+        if P:
+            x = torch.cat([self.prefix.embeddings, x], 1)
         self.hidden = m.position_transformer(m.embed_dropout(x))
+        if P:
+            self.prefix.hidden, self.hidden = self.hidden[:, :P], self.hidden[:, P:]
         return self.hidden
 
     def content_hidden(self, seq: _Sequence, position_out: torch.Tensor, next_position) -> torch.Tensor:
@@ -708,7 +753,10 @@ class _FullEngine:
         for t in range(seq.length):
             nxt = next_position if t == seq.length - 1 else seq.position[t + 1]
             rows.append(m._content_input(seq, self.hidden[:, t], t, nxt))
-        return m.content_transformer(torch.stack(rows, 1))[:, -1]
+        rows = torch.stack(rows, 1)
+        if self.prefix is not None:
+            rows = torch.cat([self.prefix.hidden, rows], 1)
+        return m.content_transformer(rows)[:, -1]
 
 
 AutoConfig.register(DQTransformerConfig.model_type, DQTransformerConfig, exist_ok=True)

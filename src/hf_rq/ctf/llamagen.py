@@ -18,13 +18,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModel, DynamicCache, GenerationConfig, GenerationMixin, PreTrainedConfig
+from transformers import AutoConfig, AutoModel, GenerationConfig, GenerationMixin, PreTrainedConfig
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 from ..hub import BundledModelsMixin
+from ..kv_cache import StaticKVCache, compile_decoding_step, stack_attention_mask
 from ..llama_blocks import LlamaGenBlock, LlamaRMSNorm, llamagen_ffn_hidden_size, precompute_2d_rotary
 from ..sampling import check_temperature, check_top_k, check_top_p, sample_tokens, top_k_logits
 
@@ -354,17 +355,22 @@ class LlamaGenModel(LlamaGenPreTrainedModel):
         past_key_values, hidden_states)``; ``hidden_states`` (with ``output_hidden_states``) holds the block
         input and every block's output.
         """
-        start = past_key_values.get_seq_length() if past_key_values is not None else 0
-        length = inputs_embeds.shape[1]
         table = self.rotary_table(inputs_embeds.device)
-        if start + length > table.shape[0]:
-            raise ValueError(f"sequence of {start + length} positions exceeds the model's 1 + grid_size**2 = "
-                             f"{table.shape[0]} positions")
-        rotary = table[start:start + length]
+        mask = stack_attention_mask(past_key_values, None)
+        if mask is not None:
+            # a fixed-shape cache (compiled decoding): one token at a position held on the device
+            rotary = table.index_select(0, past_key_values.position)
+        else:
+            start = past_key_values.get_seq_length() if past_key_values is not None else 0
+            length = inputs_embeds.shape[1]
+            if start + length > table.shape[0]:
+                raise ValueError(f"sequence of {start + length} positions exceeds the model's 1 + grid_size**2 = "
+                                 f"{table.shape[0]} positions")
+            rotary = table[start:start + length]
         hidden = self.token_dropout(inputs_embeds)
         all_hidden = [hidden] if output_hidden_states else None
         for layer in self.layers:
-            hidden = layer(hidden, rotary, past_key_values=past_key_values)
+            hidden = layer(hidden, rotary, past_key_values=past_key_values, attention_mask=mask)
             if output_hidden_states:
                 all_hidden.append(hidden)
         hidden = self.norm(hidden)
@@ -458,8 +464,13 @@ class LlamaGenForImageGeneration(LlamaGenPreTrainedModel, GenerationMixin):
         return self.lm_head(self.model(embeds, past_key_values=cache).last_hidden_state).float()
 
     def _sample_tokens(self, class_labels: torch.LongTensor, do_sample: bool, temperature, top_k, top_p,
-                       guidance_scale: float, cfg_interval: int, generator, progress_bar, output_logits: bool):
-        """LlamaGen's sampler: `(B,)` labels -> tokens `(B, grid**2)` (+ step logits `(B, N, V)` or None)."""
+                       guidance_scale: float, cfg_interval: int, generator, progress_bar, output_logits: bool,
+                       compile_step=False):
+        """LlamaGen's sampler: `(B,)` labels -> tokens `(B, grid**2)` (+ step logits `(B, N, V)` or None).
+
+        Keys and values live in a :class:`~hf_rq.kv_cache.StaticKVCache` sized for the whole sequence;
+        ``compile_step`` (see ``generate(compile=...)``) compiles the one-token decoding step over a fixed-shape cache.
+        """
         batch = class_labels.shape[0]
         null_id = self.config.null_class_id
         if guidance_scale > 1.0 and null_id is None:
@@ -469,7 +480,10 @@ class LlamaGenForImageGeneration(LlamaGenPreTrainedModel, GenerationMixin):
         use_cfg = guidance_scale > 1.0 and bool((class_labels != null_id).any())
         labels = torch.cat([class_labels, torch.full_like(class_labels, null_id)]) if use_cfg else class_labels
         doubled = use_cfg
-        cache = DynamicCache()
+        # sequence = class token + the first N - 1 image tokens
+        cache = StaticKVCache.for_stack(self.model.layers, labels.shape[0], self.config.num_image_tokens,
+                                        self.dtype, labels.device, fixed_shape=bool(compile_step))
+        decode_step = compile_decoding_step(lambda embeds: self._decode_step(embeds, cache), compile_step)
         tokens = torch.empty(batch, self.config.num_image_tokens, dtype=torch.long, device=class_labels.device)
         step_logits = [] if output_logits else None
         steps = range(self.config.num_image_tokens)
@@ -478,12 +492,12 @@ class LlamaGenForImageGeneration(LlamaGenPreTrainedModel, GenerationMixin):
         next_token = None
         for t in steps:
             if t == 0:
-                logits = self.forward_incremental(class_labels=labels, past_key_values=cache)[:, -1]
+                logits = decode_step(self.model.embed_classes(labels))[:, -1]
             else:
                 inputs = next_token[:, None]
                 if doubled:
                     inputs = torch.cat([inputs, inputs])
-                logits = self._decode_step(self.model.embed_tokens(inputs), cache)[:, -1]
+                logits = decode_step(self.model.embed_tokens(inputs))[:, -1]
             if doubled:
                 cond, uncond = logits.chunk(2)
                 # cfg_interval = c keeps guidance for tokens 0 .. c + 1 (LlamaGen's decode step i makes token i + 1
@@ -516,7 +530,9 @@ class LlamaGenForImageGeneration(LlamaGenPreTrainedModel, GenerationMixin):
                 ``do_sample`` (False = greedy), ``temperature``, ``top_k`` (None or 0 = off), ``top_p`` (None or
                 1.0 = off), ``guidance_scale`` (LlamaGen's CFG ``uncond + s (cond - uncond)``, applied when
                 ``> 1``), ``cfg_interval`` (-1 = always; ``c`` keeps CFG for tokens ``0 .. c + 1``),
-                ``return_dict_in_generate``, ``output_logits``.
+                ``return_dict_in_generate``, ``output_logits``; ``compile`` (default False): ``True`` or a dict of
+                ``torch.compile`` arguments (e.g. ``{"mode": "reduce-overhead"}``) compiles the decoding step over a
+                fixed-shape cache (the first call pays the compilation).
             generator: a ``torch.Generator`` on the model's device; the only random draws are one
                 ``torch.multinomial`` per token on the `(B, vocab)` probabilities, so a generator seeded like
                 ``torch.manual_seed(s)`` reproduces LlamaGen's samples.
@@ -524,6 +540,7 @@ class LlamaGenForImageGeneration(LlamaGenPreTrainedModel, GenerationMixin):
 
         Returns codes `(B, grid, grid)` int64, or a :class:`LlamaGenGenerationOutput`.
         """
+        compile_step = kwargs.pop("compile", False)
         gc = _prepare_generation_config(self, generation_config, kwargs, self._GENERATE_ARGS)
         temperature = 1.0 if gc.temperature is None else gc.temperature
         top_k, top_p = _top_k_or_none(gc.top_k), gc.top_p
@@ -536,7 +553,8 @@ class LlamaGenForImageGeneration(LlamaGenPreTrainedModel, GenerationMixin):
         labels = _class_label_tensor(class_labels, batch_size, self.config.num_classes, self.config.null_class_id,
                                      self.device)
         tokens, logits = self._sample_tokens(labels, bool(gc.do_sample), temperature, top_k, top_p, float(guidance),
-                                             cfg_interval, generator, progress_bar, bool(gc.output_logits))
+                                             cfg_interval, generator, progress_bar, bool(gc.output_logits),
+                                             compile_step)
         grid = self.config.grid_size
         codes = tokens.view(-1, grid, grid)
         if gc.return_dict_in_generate:

@@ -480,13 +480,14 @@ class CTFForImageGeneration(CTFPreTrainedModel, GenerationMixin):
                 ``cfg_interval``; stage 2: ``fine_temperature`` (tau2), ``fine_top_k``, ``fine_top_p``,
                 ``fine_guidance_scale`` (1 = off), ``in_cluster_mask`` (restrict each position to the fine codes
                 of its coarse label); ``do_sample=False`` makes both stages greedy; ``return_dict_in_generate``,
-                ``output_logits``.
+                ``output_logits``; ``compile`` (stage 1's decoding step, as in LlamaGen's ``generate``).
 
         Random draws: stage 1 makes LlamaGen's one ``torch.multinomial`` per token; stage 2 one uniform number per
         position (:func:`sample_by_inverse_cdf`), after stage 1, from the same ``generator``.
 
         Returns fine codes `(B, grid, grid)` int64, or a :class:`CTFGenerationOutput` with the coarse-label map.
         """
+        compile_step = kwargs.pop("compile", False)
         gc = _prepare_generation_config(self, generation_config, kwargs, self._GENERATE_ARGS)
 
         def get(name, default):
@@ -511,7 +512,7 @@ class CTFForImageGeneration(CTFPreTrainedModel, GenerationMixin):
         do_sample, output_logits = bool(gc.do_sample), bool(gc.output_logits)
         coarse, coarse_logits = self.coarse_model._sample_tokens(
             labels, do_sample, temperature, top_k, top_p, float(guidance), cfg_interval, generator, progress_bar,
-            output_logits)
+            output_logits, compile_step)
         fine, fine_logits = self._sample_fine(coarse, labels, do_sample, fine_temperature, fine_top_k, fine_top_p,
                                               float(fine_guidance), in_cluster, generator, output_logits)
         grid = self.config.grid_size

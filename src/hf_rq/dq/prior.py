@@ -15,7 +15,7 @@ label is offset into all three vocabularies and used as the start token of both 
 embedding); the unconditional variant has one start token per vocabulary.
 
 ``generate()`` samples the coarse part, then the fine part, position then content at every step, with a
-``DynamicCache`` on each stack. It reproduces the authors' sampler (``Dualformer.sample_from_scratch``) token for
+key/value cache on each stack. It reproduces the authors' sampler (``Dualformer.sample_from_scratch``) token for
 token, quirks included (each is named where it is implemented); ``use_cache=False`` re-runs both stacks on the
 whole prefix at every step, as the authors do.
 """
@@ -30,12 +30,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
-from transformers import AutoConfig, AutoModel, DynamicCache, GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModel, GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from ..pipeline_utils import resolve_class_labels
 from ..sampling import top_k_logits, validate_sampling_args
+from ..kv_cache import StaticKVCache
 from ..transformer_blocks import GPTStack
 from .tokens import FINE_POSITION_ORDERS, DQTokens, DQVocabulary, codes_to_tokens, tokens_to_codes, upsample_granularity
 from ..hub import BundledModelsMixin
@@ -471,7 +472,7 @@ class DQTransformerForImageGeneration(DQTransformerPreTrainedModel, GenerationMi
                 return probs.argmax(dim=-1)
             return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
-        engine = _CachedEngine(self) if gc.use_cache is not False else _FullEngine(self)
+        engine = _CachedEngine(self, B) if gc.use_cache is not False else _FullEngine(self)
         scores = ([], []) if gc.output_scores else None
         content_start, coarse_start, fine_start = v.start_tokens(ids)
         seq = _Sequence(content_start, coarse_start)
@@ -607,15 +608,20 @@ class DQTransformerForImageGeneration(DQTransformerPreTrainedModel, GenerationMi
 class _CachedEngine:
     """Hidden states with key/value caches: every token runs through each stack once.
 
-    The position stack keeps one ``DynamicCache`` for the whole sequence. The content stack keeps one for the
-    coarse phase and a fresh one for the fine phase, because the authors' fine-phase content input re-embeds the
-    coarse rows differently (see ``_content_input``); it is prefilled once, at the first fine step.
+    The position stack keeps one preallocated cache (:class:`~hf_rq.kv_cache.StaticKVCache`, sized for the longest
+    sequence) for the whole sequence. The content stack's cache serves the coarse phase and is rewound for the fine
+    phase, because the authors' fine-phase content input re-embeds the coarse rows differently (see
+    ``_content_input``); it is prefilled once, at the first fine step.
     """
 
-    def __init__(self, model: DQTransformerForImageGeneration):
+    def __init__(self, model: DQTransformerForImageGeneration, batch_size: int):
         self.model = model
-        self.position_cache = DynamicCache()
-        self.content_cache = DynamicCache()
+        weight = model.content_embedding.weight
+        length = model.config.max_position_embeddings
+        self.position_cache = StaticKVCache.for_stack(model.position_transformer.blocks, batch_size, length,
+                                                      weight.dtype, weight.device)
+        self.content_cache = StaticKVCache.for_stack(model.content_transformer.blocks, batch_size, length,
+                                                     weight.dtype, weight.device)
         self.fed = 0
         self.hidden = []  # position-stack outputs, one (B, E) per token
         self.fine_prefilled = False
@@ -634,7 +640,7 @@ class _CachedEngine:
         if seq.num_coarse is None:
             rows = m._content_input(seq, position_out[:, -1:], t, next_position[:, None])
         elif not self.fine_prefilled:
-            self.content_cache = DynamicCache()
+            self.content_cache.rewind()
             self.fine_prefilled = True
             rows = torch.stack([m._content_input(seq, self.hidden[r], r, next_position) for r in range(t + 1)], 1)
         else:

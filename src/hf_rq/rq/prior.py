@@ -256,7 +256,8 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
     @torch.no_grad()
     def check_codebook(self, tokenizer, atol: float = 0.0) -> None:
         """Raise ``ValueError`` unless ``tokenizer``'s codebook equals the prior's copy (within ``atol``)."""
-        theirs = self._tokenizer_codebook(tokenizer).to(self.code_embeddings.device, torch.float32)
+        # rounded to the prior's dtype first: a prior cast to bf16 carries a bf16 copy of the same codebook
+        theirs = self._tokenizer_codebook(tokenizer).to(self.code_embeddings.device, self.code_embeddings.dtype).float()
         ours = self.code_embeddings.float()
         diff = (theirs - ours).abs().max().item()
         if diff > atol:

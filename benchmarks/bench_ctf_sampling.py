@@ -17,10 +17,14 @@ and the single stage-2 pass costs about the same whatever the AR size.
 from __future__ import annotations
 
 import argparse
+import os
 
-import torch
+# On a shared machine, spinning OpenMP waits make 2-thread timings 5-20x slower and meaningless (both sides alike).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from bench_utils import median_time as timed
+import torch  # noqa: E402
+
+from bench_utils import load_average, median_time as timed  # noqa: E402
 
 # (hidden, layers, heads). The LlamaGen presets, plus CPU-sized ones that keep the head/body balance of a
 # 16384-way output (at small width the head dominates, as in the paper's B model it is a large share).
@@ -76,10 +80,11 @@ def main() -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     batches = [int(b) for b in args.batch_sizes.split(",")]
 
-    print(f"device {device} {args.dtype}, threads {args.threads}, grid {args.grid}x{args.grid}, codebook {args.codebook}, "
+    print(f"device {device} {args.dtype}, threads {args.threads} (OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), "
+          f"load average at start {load_average()}, grid {args.grid}x{args.grid}, codebook {args.codebook}, "
           f"{args.clusters} clusters, CFG 2.0, median of {args.repeats}", flush=True)
     header = (f"{'AR':>6} {'aux':>6} {'batch':>5} | {'LlamaGen img/s':>14} | {'CTF img/s':>9} {'ratio':>6} | "
-              f"{'CTF+mask img/s':>14} {'ratio':>6} | {'stage-2 share':>13}")
+              f"{'CTF+mask img/s':>14} {'ratio':>6} | {'stage-2 share':>13} | load")
     print(header)
     print("-" * len(header), flush=True)
     for preset in args.preset.split(","):
@@ -100,7 +105,7 @@ def main() -> None:
                              args.repeats, device)
             share = t_stage2 / t_ctf
             print(f"{preset:>6} {aux:>6} {batch:>5} | {batch / t_gpt:>14.2f} | {batch / t_ctf:>9.2f} {t_gpt / t_ctf:>5.2f}x | "
-                  f"{batch / t_mask:>14.2f} {t_gpt / t_mask:>5.2f}x | {share:>12.0%}", flush=True)
+                  f"{batch / t_mask:>14.2f} {t_gpt / t_mask:>5.2f}x | {share:>12.0%} | {load_average()}", flush=True)
         del gpt, ctf
 
 

@@ -34,3 +34,30 @@ def load_average() -> str:
         return open("/proc/loadavg").read().split()[0]
     except OSError:
         return "?"
+
+
+def rss_mb() -> float:
+    """Resident set size of this process now, in MiB (Linux /proc)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_growth_mb(fn) -> float:
+    """MiB by which ``fn()`` raised the process's peak RSS above its RSS at the call (Linux).
+
+    Writing "5" to /proc/self/clear_refs resets the kernel's high-water mark (VmHWM), so earlier peaks (model
+    loading, other benchmarks) do not count.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return float("nan")
+    start = rss_mb()
+    fn()
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024 - start
+    return float("nan")

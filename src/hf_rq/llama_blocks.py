@@ -15,7 +15,8 @@ What LlamaGen (FoundationVision/LlamaGen, ``autoregressive/models/gpt.py``) does
   the class token has logit 0 while its value still flows. Released checkpoints were trained with it.
 
 Attention runs through ``F.scaled_dot_product_attention``; incremental decoding keeps keys/values in a
-transformers ``Cache`` (``DynamicCache``), one ``layer_idx`` per block.
+transformers ``Cache`` (``DynamicCache``) or a :class:`~hf_rq.kv_cache.StaticKVCache` (the sampler's), one
+``layer_idx`` per block.
 """
 
 from __future__ import annotations

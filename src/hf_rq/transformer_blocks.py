@@ -4,15 +4,20 @@ Both authors' priors use the same pre-LayerNorm GPT block: separate ``query``/``
 ``proj`` linears with bias, ``E / n_head`` contiguous head chunks, exact (erf) GELU, a 4x MLP,
 LayerNorm eps 1e-5, dropout on the residual branches. Attention runs through
 ``torch.nn.functional.scaled_dot_product_attention``; incremental decoding keeps keys/values in a
-transformers ``Cache`` (e.g. ``DynamicCache``), one ``layer_idx`` per block.
+transformers ``Cache`` (e.g. ``DynamicCache``) or a :class:`~hf_rq.kv_cache.StaticKVCache`, one ``layer_idx``
+per block.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers.modeling_layers import GradientCheckpointingLayer
+
+from .kv_cache import stack_attention_mask
 
 
 def causal_mask(q_len: int, k_len: int, device) -> torch.Tensor | None:
@@ -37,6 +42,7 @@ class CausalSelfAttention(nn.Module):
         self.value = nn.Linear(hidden_size, hidden_size, bias=bias)
         self.proj = nn.Linear(hidden_size, hidden_size, bias=bias)
         self.resid_dropout = nn.Dropout(resid_dropout)
+        self.fused_qkv = None  # (weight (3E, E), bias) while decoding under :func:`fused_qkv_projections`
 
     def forward(self, hidden_states: torch.Tensor, past_key_values=None, attention_mask: torch.Tensor | None = None,
                 causal: bool = True) -> torch.Tensor:
@@ -47,9 +53,12 @@ class CausalSelfAttention(nn.Module):
         """
         B, L, E = hidden_states.shape
         shape = (B, L, self.num_heads, self.head_dim)
-        q = self.query(hidden_states).view(shape).transpose(1, 2)
-        k = self.key(hidden_states).view(shape).transpose(1, 2)
-        v = self.value(hidden_states).view(shape).transpose(1, 2)
+        if self.fused_qkv is not None:
+            q, k, v = (t.view(shape).transpose(1, 2) for t in F.linear(hidden_states, *self.fused_qkv).chunk(3, -1))
+        else:
+            q = self.query(hidden_states).view(shape).transpose(1, 2)
+            k = self.key(hidden_states).view(shape).transpose(1, 2)
+            v = self.value(hidden_states).view(shape).transpose(1, 2)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         mask = attention_mask
@@ -102,9 +111,30 @@ class GPTStack(nn.Module):
         )
 
     def forward(self, hidden_states: torch.Tensor, past_key_values=None, attention_mask=None, causal: bool = True):
+        attention_mask = stack_attention_mask(past_key_values, attention_mask)
         for block in self.blocks:
             hidden_states = block(hidden_states, past_key_values, attention_mask, causal)
         return hidden_states
+
+
+@contextlib.contextmanager
+def fused_qkv_projections(*stacks: GPTStack):
+    """Within the block, every attention of ``stacks`` computes query, key and value with one matmul.
+
+    The checkpoints keep three ``Linear``s (the authors' layout); a decoding step reads each weight once per
+    token, so at small batch three matmuls cost three weight-streaming passes plus call overhead. The
+    concatenated weight gives the same dot products (bit for bit on CPU BLAS: each output column is its own
+    reduction). It is a temporary copy made at entry, so it can never go stale after training or loading.
+    """
+    attns = [block.attn for stack in stacks for block in stack.blocks]
+    try:
+        for a in attns:
+            bias = None if a.query.bias is None else torch.cat([a.query.bias, a.key.bias, a.value.bias])
+            a.fused_qkv = (torch.cat([a.query.weight, a.key.weight, a.value.weight]), bias)
+        yield
+    finally:
+        for a in attns:
+            a.fused_qkv = None
 
 
 def convert_mingpt_block_keys(key: str) -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModel, DynamicCache, GenerationConfig, GenerationMixin, PreTrainedConfig
+from transformers import AutoConfig, AutoModel, GenerationConfig, GenerationMixin, PreTrainedConfig
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -26,6 +26,7 @@ from transformers.utils import ModelOutput
 
 from ..editing import check_known_tokens
 from ..hub import BundledModelsMixin
+from ..kv_cache import StaticKVCache, compile_decoding_step, stack_attention_mask
 from ..llama_blocks import LlamaGenBlock, LlamaRMSNorm, llamagen_ffn_hidden_size, precompute_2d_rotary
 from ..sampling import sample_tokens, top_k_logits, uniform_rows
 from ..sampling_args import check_generator, validate_generation_config
@@ -340,17 +341,22 @@ class LlamaGenModel(LlamaGenPreTrainedModel):
         past_key_values, hidden_states)``; ``hidden_states`` (with ``output_hidden_states``) holds the block
         input and every block's output.
         """
-        start = past_key_values.get_seq_length() if past_key_values is not None else 0
-        length = inputs_embeds.shape[1]
         table = self.rotary_table(inputs_embeds.device)
-        if start + length > table.shape[0]:
-            raise ValueError(f"sequence of {start + length} positions exceeds the model's 1 + grid_size**2 = "
-                             f"{table.shape[0]} positions")
-        rotary = table[start:start + length]
+        mask = stack_attention_mask(past_key_values, None)
+        if mask is not None:
+            # a fixed-shape cache (compiled decoding): one token at a position held on the device
+            rotary = table.index_select(0, past_key_values.position)
+        else:
+            start = past_key_values.get_seq_length() if past_key_values is not None else 0
+            length = inputs_embeds.shape[1]
+            if start + length > table.shape[0]:
+                raise ValueError(f"sequence of {start + length} positions exceeds the model's 1 + grid_size**2 = "
+                                 f"{table.shape[0]} positions")
+            rotary = table[start:start + length]
         hidden = self.token_dropout(inputs_embeds)
         all_hidden = [hidden] if output_hidden_states else None
         for layer in self.layers:
-            hidden = layer(hidden, rotary, past_key_values=past_key_values)
+            hidden = layer(hidden, rotary, past_key_values=past_key_values, attention_mask=mask)
             if output_hidden_states:
                 all_hidden.append(hidden)
         hidden = self.norm(hidden)
@@ -445,11 +451,14 @@ class LlamaGenForImageGeneration(LlamaGenPreTrainedModel, GenerationMixin):
 
     def _sample_tokens(self, class_labels: torch.LongTensor, do_sample: bool, temperature, top_k, top_p,
                        guidance_scale: float, cfg_interval: int, generator, progress_bar, output_logits: bool,
-                       known: tuple[torch.LongTensor, torch.BoolTensor] | None = None):
+                       known: tuple[torch.LongTensor, torch.BoolTensor] | None = None, compile_step=False):
         """LlamaGen's sampler: `(B,)` labels -> tokens `(B, grid**2)` (+ step logits `(B, N, V)` or None).
 
         ``known = (tokens, mask)`` `(B, N)` (editing): a known token replaces the draw and is fed on, so it is
-        teacher-forced through the same cache; the draws themselves are unchanged."""
+        teacher-forced through the same cache; the draws themselves are unchanged. Keys and values live in a
+        :class:`~hf_rq.kv_cache.StaticKVCache` sized for the whole sequence; ``compile_step`` (see
+        ``generate(compile=...)``) compiles the one-token decoding step over a fixed-shape cache.
+        """
         batch = class_labels.shape[0]
         null_id = self.config.null_class_id
         if guidance_scale > 1.0 and null_id is None:
@@ -459,7 +468,10 @@ class LlamaGenForImageGeneration(LlamaGenPreTrainedModel, GenerationMixin):
         use_cfg = guidance_scale > 1.0 and bool((class_labels != null_id).any())
         labels = torch.cat([class_labels, torch.full_like(class_labels, null_id)]) if use_cfg else class_labels
         doubled = use_cfg
-        cache = DynamicCache()
+        # sequence = class token + the first N - 1 image tokens
+        cache = StaticKVCache.for_stack(self.model.layers, labels.shape[0], self.config.num_image_tokens,
+                                        self.dtype, labels.device, fixed_shape=bool(compile_step))
+        decode_step = compile_decoding_step(lambda embeds: self._decode_step(embeds, cache), compile_step)
         tokens = torch.empty(batch, self.config.num_image_tokens, dtype=torch.long, device=class_labels.device)
         step_logits = [] if output_logits else None
         steps = range(self.config.num_image_tokens)
@@ -468,12 +480,12 @@ class LlamaGenForImageGeneration(LlamaGenPreTrainedModel, GenerationMixin):
         next_token = None
         for t in steps:
             if t == 0:
-                logits = self.forward_incremental(class_labels=labels, past_key_values=cache)[:, -1]
+                logits = decode_step(self.model.embed_classes(labels))[:, -1]
             else:
                 inputs = next_token[:, None]
                 if doubled:
                     inputs = torch.cat([inputs, inputs])
-                logits = self._decode_step(self.model.embed_tokens(inputs), cache)[:, -1]
+                logits = decode_step(self.model.embed_tokens(inputs))[:, -1]
             if doubled:
                 cond, uncond = logits.chunk(2)
                 # cfg_interval = c keeps guidance for tokens 0 .. c + 1 (LlamaGen's decode step i makes token i + 1
@@ -511,7 +523,9 @@ class LlamaGenForImageGeneration(LlamaGenPreTrainedModel, GenerationMixin):
                 ``top_p`` (None or 1.0 = off), ``guidance_scale`` (None or >= 1: LlamaGen's CFG
                 ``uncond + s (cond - uncond)``, applied when ``> 1``; below 1 is an error, as in every family),
                 ``cfg_interval`` (-1 = always; ``c`` keeps CFG for tokens ``0 .. c + 1``), ``return_dict_in_generate``,
-                ``output_logits``. Ranges: ``hf_rq.sampling_args``.
+                ``output_logits``. Ranges: ``hf_rq.sampling_args``. ``compile`` (default False): ``True`` or a dict of
+                ``torch.compile`` arguments (e.g. ``{"mode": "reduce-overhead"}``) compiles the decoding step over a
+                fixed-shape cache (the first call pays the compilation).
             generator: a ``torch.Generator`` (the draws happen on its device); the only random draws are one
                 ``torch.multinomial`` per token on the `(B, vocab)` probabilities, so a generator seeded like
                 ``torch.manual_seed(s)`` reproduces LlamaGen's samples. A list of ``B`` generators gives each image
@@ -523,6 +537,7 @@ class LlamaGenForImageGeneration(LlamaGenPreTrainedModel, GenerationMixin):
 
         Returns codes `(B, grid, grid)` int64, or a :class:`LlamaGenGenerationOutput`.
         """
+        compile_step = kwargs.pop("compile", False)
         gc = _prepare_generation_config(self, generation_config, kwargs, self._GENERATE_ARGS)
         a = validate_generation_config(gc, self._GENERATE_ARGS)  # the contract of every family (hf_rq.sampling_args)
         labels = _class_label_tensor(class_labels, batch_size, self.config.num_classes, self.config.null_class_id,
@@ -536,7 +551,7 @@ class LlamaGenForImageGeneration(LlamaGenPreTrainedModel, GenerationMixin):
             known = (codes.flatten(1), mask.flatten(1))
         tokens, logits = self._sample_tokens(labels, a["do_sample"], a["temperature"], a["top_k"], a["top_p"],
                                              a["guidance_scale"], a["cfg_interval"], generator, progress_bar,
-                                             a["output_logits"], known)
+                                             a["output_logits"], known, compile_step)
         codes = tokens.view(-1, grid, grid)
         if gc.return_dict_in_generate:
             return LlamaGenGenerationOutput(sequences=codes, logits=logits)

@@ -490,7 +490,7 @@ class CTFForImageGeneration(CTFPreTrainedModel, GenerationMixin):
                 ``cfg_interval``; stage 2: ``fine_temperature`` (tau2), ``fine_top_k``, ``fine_top_p``,
                 ``fine_guidance_scale`` (1 = off), ``in_cluster_mask`` (restrict each position to the fine codes
                 of its coarse label); ``do_sample=False`` makes both stages greedy; ``return_dict_in_generate``,
-                ``output_logits``.
+                ``output_logits``; ``compile`` (stage 1's decoding step, as in LlamaGen's ``generate``).
             known_codes, known_mask (`(B, grid, grid)`, *optional*): editing, stage 2: fine codes to keep (the pass
                 still draws every position; known ones are replaced after it).
             known_coarse_labels, known_coarse_mask (`(B, grid, grid)`, *optional*): editing, stage 1: coarse labels
@@ -504,6 +504,7 @@ class CTFForImageGeneration(CTFPreTrainedModel, GenerationMixin):
 
         Returns fine codes `(B, grid, grid)` int64, or a :class:`CTFGenerationOutput` with the coarse-label map.
         """
+        compile_step = kwargs.pop("compile", False)
         gc = _prepare_generation_config(self, generation_config, kwargs, self._GENERATE_ARGS)
         a = validate_generation_config(gc, self._GENERATE_ARGS)  # the contract of every family (hf_rq.sampling_args)
         self._require_coarse_labels()
@@ -525,7 +526,7 @@ class CTFForImageGeneration(CTFPreTrainedModel, GenerationMixin):
         else:
             coarse, coarse_logits = self.coarse_model._sample_tokens(
                 labels, do_sample, a["temperature"], a["top_k"], a["top_p"], a["guidance_scale"], a["cfg_interval"],
-                generator, progress_bar, output_logits, known_coarse)
+                generator, progress_bar, output_logits, known_coarse, compile_step)
         fine, fine_logits = self._sample_fine(coarse, labels, do_sample, a["fine_temperature"], a["fine_top_k"],
                                               a["fine_top_p"], a["fine_guidance_scale"], a["in_cluster_mask"],
                                               generator, output_logits)

@@ -15,7 +15,7 @@ label is offset into all three vocabularies and used as the start token of both 
 embedding); the unconditional variant has one start token per vocabulary.
 
 ``generate()`` samples the coarse part, then the fine part, position then content at every step, with a
-``DynamicCache`` on each stack. It reproduces the authors' sampler (``Dualformer.sample_from_scratch``) token for
+key/value cache on each stack. It reproduces the authors' sampler (``Dualformer.sample_from_scratch``) token for
 token, quirks included (each is named where it is implemented); ``use_cache=False`` re-runs both stacks on the
 whole prefix at every step, as the authors do.
 """
@@ -30,13 +30,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
-from transformers import AutoConfig, AutoModel, DynamicCache, GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModel, GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from ..pipeline_utils import resolve_generation_labels
 from ..sampling import sample_tokens, top_k_logits
 from ..sampling_args import check_generator, validate_generation_config
+from ..kv_cache import StaticKVCache
 from ..transformer_blocks import GPTStack
 from .editing import DQKnownTokens
 from .text_conditioning import check_text_features, text_projection_layer
@@ -523,7 +524,7 @@ class DQTransformerForImageGeneration(DQTransformerPreTrainedModel, GenerationMi
                 raise ValueError(f"known_codes holds {known_codes.shape[0]} images for a batch of {B}")
             known = DQKnownTokens(known_codes.to(device), known_granularity.to(device), known_regions, v,
                                   c.fine_position_order)
-        engine = _CachedEngine(self, prefix) if gc.use_cache is not False else _FullEngine(self, prefix)
+        engine = _CachedEngine(self, B, prefix) if gc.use_cache is not False else _FullEngine(self, prefix)
         scores = ([], []) if gc.output_scores else None
         content_start, coarse_start, fine_start = v.start_tokens(ids)
         seq = _Sequence(content_start, coarse_start)
@@ -685,15 +686,21 @@ class DQTransformerForImageGeneration(DQTransformerPreTrainedModel, GenerationMi
 class _CachedEngine:
     """Hidden states with key/value caches: every token runs through each stack once.
 
-    The position stack keeps one ``DynamicCache`` for the whole sequence. The content stack keeps one for the
-    coarse phase and a fresh one for the fine phase, because the authors' fine-phase content input re-embeds the
-    coarse rows differently (see ``_content_input``); it is prefilled once, at the first fine step.
+    The position stack keeps one preallocated cache (:class:`~hf_rq.kv_cache.StaticKVCache`, sized for the longest
+    sequence) for the whole sequence. The content stack's cache serves the coarse phase and is rewound for the fine
+    phase, because the authors' fine-phase content input re-embeds the coarse rows differently (see
+    ``_content_input``); it is prefilled once, at the first fine step.
     """
 
-    def __init__(self, model: DQTransformerForImageGeneration, prefix=None):
+    def __init__(self, model: DQTransformerForImageGeneration, batch_size: int, prefix=None):
         self.model, self.prefix = model, prefix
-        self.position_cache = DynamicCache()
-        self.content_cache = DynamicCache()
+        weight = model.content_embedding.weight
+        # The text prefix (text models) sits in front of the image rows in both stacks.
+        length = model.config.max_position_embeddings + (0 if prefix is None else prefix.length)
+        self.position_cache = StaticKVCache.for_stack(model.position_transformer.blocks, batch_size, length,
+                                                      weight.dtype, weight.device)
+        self.content_cache = StaticKVCache.for_stack(model.content_transformer.blocks, batch_size, length,
+                                                     weight.dtype, weight.device)
         self.fed = 0
         self.hidden = []  # position-stack outputs, one (B, E) per token
         self.fine_prefilled = False
@@ -719,7 +726,7 @@ class _CachedEngine:
             if t == 0 and self.prefix is not None:
                 rows = torch.cat([self.prefix.hidden, rows], 1)
         elif not self.fine_prefilled:
-            self.content_cache = DynamicCache()
+            self.content_cache.rewind()
             self.fine_prefilled = True
             rows = torch.stack([m._content_input(seq, self.hidden[r], r, next_position) for r in range(t + 1)], 1)
             if self.prefix is not None:

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
-from transformers import AutoConfig, AutoModel, DynamicCache, GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModel, GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
@@ -31,8 +31,9 @@ from ..editing import KnownTokens, check_known_tokens
 from ..pipeline_utils import resolve_generation_labels
 from ..sampling import multinomial_rows, top_k_logits, uniform_rows
 from ..sampling_args import check_generator, validate_generation_config
-from ..transformer_blocks import GPTStack
+from ..transformer_blocks import GPTStack, fused_qkv_projections
 from ..hub import BundledModelsMixin
+from ..kv_cache import StaticKVCache, compile_decoding_step
 
 
 @strict
@@ -262,7 +263,8 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
     @torch.no_grad()
     def check_codebook(self, tokenizer, atol: float = 0.0) -> None:
         """Raise ``ValueError`` unless ``tokenizer``'s codebook equals the prior's copy (within ``atol``)."""
-        theirs = self._tokenizer_codebook(tokenizer).to(self.code_embeddings.device, torch.float32)
+        # rounded to the prior's dtype first: a prior cast to bf16 carries a bf16 copy of the same codebook
+        theirs = self._tokenizer_codebook(tokenizer).to(self.code_embeddings.device, self.code_embeddings.dtype).float()
         ours = self.code_embeddings.float()
         diff = (theirs - ours).abs().max().item()
         if diff > atol:
@@ -416,9 +418,10 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
     ):
         r"""Sample code grids `(N, h, w, D)`: raster order over positions, coarse to fine inside a position.
 
-        The spatial transformer runs once per position on one new token, with a ``DynamicCache`` of keys and
-        values (the prefix is never re-embedded nor re-run); the depth transformer runs one token per depth
-        with a short cache that lives for one position.
+        The spatial transformer runs once per position on one new token, with a preallocated
+        (:class:`~hf_rq.kv_cache.StaticKVCache`) cache of keys and values (the prefix is never re-embedded nor
+        re-run); the depth transformer runs one token per depth with a short cache that is rewound at every
+        position.
 
         Args:
             class_labels: ids or names (``config.id2label``), one per image; None for an unconditional model.
@@ -430,6 +433,9 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
                 classifier-free guidance ``u + s * (c - u)``, which needs ``config.use_null_class``; below 1 is an
                 error in every family, see ``hf_rq.sampling_args``), ``use_cache`` (False re-runs both transformers on the whole prefix
                 at every step; for testing and benchmarks), ``output_logits`` and ``return_dict_in_generate``.
+                ``compile`` (default False): ``True`` (or a dict of ``torch.compile`` arguments, e.g.
+                ``{"mode": "reduce-overhead"}`` for CUDA graphs) compiles the two decoding steps over fixed-shape
+                caches; the first call pays the compilation. Eager is the default.
             generator (`torch.Generator` or a list of them, *optional*): source of randomness for the draws; a list
                 holds one generator per image, and image ``i`` draws only from ``generator[i]`` (the same image
                 whatever else is in the batch).
@@ -448,6 +454,7 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
             `torch.LongTensor` `(N, h, w, D)`, or :class:`RQTransformerGenerateOutput` with
             ``return_dict_in_generate=True``.
         """
+        compile_step = kwargs.pop("compile", False)
         gc = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
         unused = gc.update(**kwargs)
         if unused:
@@ -487,9 +494,15 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
                       if gc.output_logits else None)
 
         filters = [(temperatures[d], top_ks[d], top_ps[d]) for d in range(D)]
-        step = self._decode_cached if gc.use_cache is not False else self._decode_uncached
-        step(rows, codes, KnownTokens(known), logits_out, filters, do_sample, args["guidance_scale"] if use_cfg else None,
-             generator, progress_bar)
+        decode_args = (rows, codes, KnownTokens(known), logits_out, filters, do_sample,
+                       args["guidance_scale"] if use_cfg else None, generator, progress_bar)
+        if gc.use_cache is not False:
+            with fused_qkv_projections(self.spatial_transformer, self.depth_transformer):
+                self._decode_cached(*decode_args, compile_step=compile_step)
+        elif compile_step:
+            raise ValueError("compile=True needs the cached decoding path (use_cache=False re-runs whole prefixes)")
+        else:
+            self._decode_uncached(*decode_args)
 
         codes = codes.reshape(N, c.grid_height, c.grid_width, D)
         if not gc.return_dict_in_generate:
@@ -514,8 +527,9 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
         return code
 
     def _decode_cached(self, rows, codes, known, logits_out, filters, do_sample, guidance_scale, generator,
-                       progress_bar):
+                       progress_bar, compile_step=False):
         N, T, D = codes.shape
+        B = rows.shape[0]
         dup = 2 if guidance_scale is not None else 1
         # Hoisted out of the loop: per-step slicing of parameters costs Python time on every one of T*D steps.
         spatial_pos = self.spatial_position_embedding[0, :, None]  # (T, 1, E)
@@ -524,20 +538,34 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
         head_norm, head = self.final_layer_norm, self.lm_head
         depth_stack, spatial_stack = self.depth_transformer, self.spatial_transformer
 
-        cache = DynamicCache()
+        # Both caches are allocated once per call and written in place. The depth cache lives for one position:
+        # it is rewound, not reallocated, at the next one.
+        dtype, device = spatial_pos.dtype, rows.device
+        fixed = bool(compile_step)
+        cache = StaticKVCache.for_stack(spatial_stack.blocks, B, T, dtype, device, fixed)
+        depth_cache = StaticKVCache.for_stack(depth_stack.blocks, B, D, dtype, device, fixed)
+
+        def spatial_step(x):
+            return spatial_stack(x, past_key_values=cache)
+
+        def depth_step(y):
+            return head(head_norm(depth_stack(y, past_key_values=depth_cache)[:, 0]))
+
+        spatial_step = compile_decoding_step(spatial_step, compile_step)
+        depth_step = compile_decoding_step(depth_step, compile_step)
+
         x = (self.class_embedding(rows) + self.class_position_embedding[0])[:, None]  # (B, 1, E)
         positions = range(T) if progress_bar is None else progress_bar(range(T))
         for t in positions:
-            context = spatial_stack(x, past_key_values=cache)  # (B, 1, E): only the new token runs
+            context = spatial_step(x)  # (B, 1, E): only the new token runs
             need_depth = not known.step_all[t] or logits_out is not None
             codewords = []
             if need_depth:
-                depth_cache = DynamicCache()
+                depth_cache.rewind()
                 y = context + depth_pos[0]
                 running = None
                 for d in range(D):
-                    out = depth_stack(y, past_key_values=depth_cache)
-                    logits = head(head_norm(out[:, 0]))
+                    logits = depth_step(y)
                     code = self._choose(logits, codes, logits_out, t, d, known, filters, do_sample,
                                         guidance_scale, generator)
                     e = self._embed_depth(code, d)

@@ -162,8 +162,11 @@ PER_DEPTH_BAD = {
 }
 # DQ has no classifier-free guidance at all: its prior refuses any scale but 1 (its pipeline has no such argument);
 # RQ's reference prior has no null class.
+# The priors' compile switch (RQ, LlamaGen, CTF): a bool or a dict of torch.compile arguments.
+BAD_COMPILE = [("compile", "max-autotune"), ("compile", 1), ("compile", {1: "x"})]
 EXTRA = {("dq", "prior"): [("guidance_scale", 2.0), ("guidance_scale", float("nan")), ("guidance_scale", -1.0)],
-         ("rq", "pipeline"): [("guidance_scale", 3.0)], ("rq", "prior"): [("guidance_scale", 3.0)]}
+         ("rq", "pipeline"): [("guidance_scale", 3.0)], ("rq", "prior"): [("guidance_scale", 3.0)] + BAD_COMPILE,
+         ("llamagen", "prior"): BAD_COMPILE, ("ctf", "prior"): BAD_COMPILE}
 GENERATORS = ["seed", 0, 1.5, np.random.default_rng(0), [torch.Generator()] * 3, [torch.Generator()],
               [torch.Generator(), "x"], []]
 

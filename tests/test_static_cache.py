@@ -112,7 +112,7 @@ def test_rq_greedy_parity_with_compiled_step(rq):
     torch.testing.assert_close(out.logits, ref["tf.cached_logits"], atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="compile=True needs the cached"):
         prior.generate(ref["tf.cond"], use_cache=False, compile=True)
-    with pytest.raises(ValueError, match="compile must be a bool or a dict"):
+    with pytest.raises(TypeError, match="compile must be a bool or a dict"):
         prior.generate(ref["tf.cond"], compile="max-autotune")
 
 

@@ -116,8 +116,6 @@ def compile_decoding_step(fn, option):
     if not option:
         return fn
     kwargs = dict(fullgraph=True, dynamic=False)
-    if isinstance(option, dict):
+    if isinstance(option, dict):  # generate() checked the option (hf_rq.sampling_args.check_compile)
         kwargs.update(option)
-    elif option is not True:
-        raise ValueError(f"compile must be a bool or a dict of torch.compile arguments, got {option!r}")
     return torch.compile(fn, **kwargs)

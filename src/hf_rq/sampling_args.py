@@ -38,6 +38,7 @@ import torch
 
 __all__ = [
     "check_cfg_interval",
+    "check_compile",
     "check_flag",
     "check_generator",
     "check_guidance_scale",
@@ -173,6 +174,19 @@ def validate_generation_config(config, names, depth: int | None = None) -> dict[
     """
     read = config.get if isinstance(config, dict) else (lambda key: getattr(config, key, None))
     return {name: check_sampling_value(name, read(name), depth) for name in names}
+
+
+def check_compile(value, name: str = "compile"):
+    """The ``generate(compile=...)`` switch: False / None (eager, the default), True, or a dict of
+    ``torch.compile`` keyword arguments (e.g. ``{"mode": "reduce-overhead"}``). Returns it (None as False)."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, dict):
+        bad = [k for k in value if not isinstance(k, str)]
+        if bad:
+            raise TypeError(f"{name} dict keys must be torch.compile argument names, got {bad[0]!r}")
+        return value
+    raise TypeError(f"{name} must be a bool or a dict of torch.compile arguments, got {type(value).__name__} {value!r}")
 
 
 def check_generator(generator, batch_size: int, name: str = "generator"):

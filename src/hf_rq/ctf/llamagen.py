@@ -29,7 +29,7 @@ from ..hub import BundledModelsMixin
 from ..kv_cache import StaticKVCache, compile_decoding_step, stack_attention_mask
 from ..llama_blocks import LlamaGenBlock, LlamaRMSNorm, llamagen_ffn_hidden_size, precompute_2d_rotary
 from ..sampling import sample_tokens, top_k_logits, uniform_rows
-from ..sampling_args import check_generator, validate_generation_config
+from ..sampling_args import check_compile, check_generator, validate_generation_config
 
 __all__ = [
     "LlamaGenConfig",
@@ -537,7 +537,7 @@ class LlamaGenForImageGeneration(LlamaGenPreTrainedModel, GenerationMixin):
 
         Returns codes `(B, grid, grid)` int64, or a :class:`LlamaGenGenerationOutput`.
         """
-        compile_step = kwargs.pop("compile", False)
+        compile_step = check_compile(kwargs.pop("compile", False))
         gc = _prepare_generation_config(self, generation_config, kwargs, self._GENERATE_ARGS)
         a = validate_generation_config(gc, self._GENERATE_ARGS)  # the contract of every family (hf_rq.sampling_args)
         labels = _class_label_tensor(class_labels, batch_size, self.config.num_classes, self.config.null_class_id,

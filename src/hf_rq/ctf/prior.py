@@ -35,7 +35,7 @@ from transformers.modeling_outputs import MaskedLMOutput
 from transformers.utils import ModelOutput
 
 from ..editing import check_known_tokens
-from ..sampling_args import check_generator, validate_generation_config
+from ..sampling_args import check_compile, check_generator, validate_generation_config
 
 # LlamaGen's GPT moved to .llamagen; these names stay importable from here because saved pipeline folders
 # (model_index.json) and older scripts record ``hf_rq.ctf.prior``.
@@ -504,7 +504,7 @@ class CTFForImageGeneration(CTFPreTrainedModel, GenerationMixin):
 
         Returns fine codes `(B, grid, grid)` int64, or a :class:`CTFGenerationOutput` with the coarse-label map.
         """
-        compile_step = kwargs.pop("compile", False)
+        compile_step = check_compile(kwargs.pop("compile", False))
         gc = _prepare_generation_config(self, generation_config, kwargs, self._GENERATE_ARGS)
         a = validate_generation_config(gc, self._GENERATE_ARGS)  # the contract of every family (hf_rq.sampling_args)
         self._require_coarse_labels()

@@ -30,7 +30,7 @@ from transformers.utils import ModelOutput
 from ..editing import KnownTokens, check_known_tokens
 from ..pipeline_utils import resolve_generation_labels
 from ..sampling import multinomial_rows, top_k_logits, uniform_rows
-from ..sampling_args import check_generator, validate_generation_config
+from ..sampling_args import check_compile, check_generator, validate_generation_config
 from ..transformer_blocks import GPTStack, fused_qkv_projections
 from ..hub import BundledModelsMixin
 from ..kv_cache import StaticKVCache, compile_decoding_step
@@ -454,7 +454,7 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
             `torch.LongTensor` `(N, h, w, D)`, or :class:`RQTransformerGenerateOutput` with
             ``return_dict_in_generate=True``.
         """
-        compile_step = kwargs.pop("compile", False)
+        compile_step = check_compile(kwargs.pop("compile", False))
         gc = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
         unused = gc.update(**kwargs)
         if unused:

@@ -48,13 +48,14 @@ def rq_text_tokenizer_from_files(vocab_file: str, merges_file: str, context_leng
 
 def train_rq_text_tokenizer(texts: Iterable[str], vocab_size: int, context_length: int = 32,
                             min_frequency: int = 1) -> PreTrainedTokenizerFast:
-    """A tokenizer of the authors' kind with a vocabulary trained on ``texts`` (``vocab_size`` includes ``[UNK]``
-    and ``[PAD]``, which gets the last id)."""
+    """A tokenizer of the authors' kind with a vocabulary trained on ``texts`` (``vocab_size`` includes ``[PAD]``
+    (id 0) and ``[UNK]`` (id 1); a small corpus may give fewer tokens)."""
     from tokenizers import CharBPETokenizer
 
     if vocab_size < 3:
         raise ValueError(f"vocab_size must be >= 3 ([UNK], [PAD] and one token), got {vocab_size}")
     bpe = CharBPETokenizer(unk_token=UNK_TOKEN, lowercase=True)
-    bpe.train_from_iterator(list(texts), vocab_size=vocab_size - 1, min_frequency=min_frequency,
-                            special_tokens=[UNK_TOKEN], show_progress=False)
+    # [PAD] = 0 and [UNK] = 1, as in the authors' bpe-16k vocabulary.
+    bpe.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=min_frequency,
+                            special_tokens=[PAD_TOKEN, UNK_TOKEN], show_progress=False)
     return _wrap(bpe, context_length)

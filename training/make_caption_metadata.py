@@ -24,12 +24,13 @@ from pathlib import Path
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_dir", required=True, help="Folder with annotations.csv and the images it names.")
+    parser.add_argument("--annotations", default=None, help="the CSV (default: data_dir/annotations.csv)")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--columns", nargs="+", default=["caption", "text", "label"],
                         help="annotations.csv columns copied into the metadata (besides file_name).")
     args = parser.parse_args(argv)
     data, out = Path(args.data_dir), Path(args.output_dir)
-    table = data / "annotations.csv"
+    table = Path(args.annotations) if args.annotations else data / "annotations.csv"
     if not table.is_file():
         parser.error(f"{table} not found")
     with table.open(newline="", encoding="utf-8") as f:

@@ -54,16 +54,11 @@ class RQTransformerConfig(PreTrainedConfig):
             which classifier-free guidance needs. Not part of the authors' models.
         class_dropout_prob (`float`): in training, the probability of replacing a label by the null class
             (requires ``use_null_class``).
-        text_length (`int`): 0, or the number of text tokens of a text-conditional model (the authors'
-            ``block_size_cond``): the class token becomes this many text tokens (``hf_rq.rq.text_prefix``).
-        text_vocab_size (`int`): size of the text vocabulary (the authors' ``vocab_size_cond``).
-        text_pad_token_id (`int`, *optional*): id of the text tokenizer's ``[PAD]`` token; the null text (the
-            empty caption: ``text_length`` pads) is made of it.
-        use_null_text (`bool`): the model was trained with caption dropout to the null text, which
-            classifier-free guidance needs. Not part of the authors' models.
-        text_dropout_prob (`float`): in training, the probability of replacing a caption by the null text.
-        text_loss_weight (`float`): weight ``w`` of the text-token loss: ``(1 - w) * image + w * text`` (the
-            authors' ``txt_weight`` 0.1 / ``img_weight`` 0.9); only with ``text_length > 1``.
+        text_length / text_vocab_size (`int`): a text-conditional model (``text_length > 0``, the authors'
+            ``block_size_cond`` / ``vocab_size_cond``) reads this many text tokens instead of the class token;
+            text_pad_token_id, use_null_text (caption dropout to the all-pad null text, for guidance; not in the
+            authors' model), text_dropout_prob, text_loss_weight (the authors' ``txt_weight``, 0.1): see
+            ``hf_rq.rq.text_prefix``.
         embd_pdrop / attn_pdrop / resid_pdrop (`float`): dropout on the spatial input sequence, on attention
             weights and on residual branches (the authors: 0.0 / 0.0 / 0.1).
         layer_norm_eps (`float`), initializer_range (`float`): as in other transformers models.

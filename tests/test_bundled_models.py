@@ -33,6 +33,8 @@ def test_loads_offline_in_float32_with_attribution(bundled):
     for notice in ("ATTRIBUTION.txt", "LICENSE-Noto-Emoji-Apache-2.0.txt", "LICENSE-emoji-data-MIT.txt"):
         assert (folder / notice).is_file(), notice
     for component in pipe.components.values():
+        if component is None:  # an optional component (RQ's text tokenizer of a class model), as diffusers does
+            continue
         assert all(p.dtype == torch.float32 for p in component.parameters())
     assert [pipe.transformer.config.id2label[i] for i in range(9)] == CLASSES
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] == type(pipe).__name__

@@ -355,8 +355,8 @@ class DQPriorSpec(PriorSpec):
         return prior(codes=batch["codes"].long(), granularity=batch["granularity"].long(),
                      class_labels=batch.get("class_labels")).loss
 
-    def sample(self, pipeline, class_labels, num_images, generator, guidance_scale=None):
-        return super().sample(pipeline, class_labels, num_images, generator, None)  # no CFG in DQ
+    def sample(self, pipeline, class_labels, num_images, generator, guidance_scale=None, prompts=None):
+        return super().sample(pipeline, class_labels, num_images, generator, None, prompts)  # no CFG in DQ
 
 
 PRIORS = {"rq": RQPriorSpec(), "llamagen": LlamaGenPriorSpec(), "ctf": CTFPriorSpec(), "dq": DQPriorSpec()}

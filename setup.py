@@ -12,6 +12,7 @@ install_requires = [
     "datasets>=4.0,<6",
     "huggingface-hub>=1.0,<3",
     "safetensors>=0.5,<1",
+    "tokenizers>=0.21",  # the RQ authors' text tokenizer (CharBPE), wrapped as a transformers tokenizer
     "numpy>=1.26",
     "pillow>=10",
     "tqdm>=4.66",

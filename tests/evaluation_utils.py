@@ -34,3 +34,21 @@ def tiny_rq_pipeline(class_names=EMOJI_CLASSES, seed: int = 0):
 def save_tiny_pipeline(folder: Path, **kwargs) -> Path:
     tiny_rq_pipeline(**kwargs).save_pretrained(folder)
     return folder
+
+
+def tiny_rq_text_pipeline(seed: int = 0):
+    """A text-conditional tiny RQ pipeline (text_length 6, caption dropout: guidance and negative prompts work)."""
+    from hf_rq import RQTransformerConfig, RQTransformerForImageGeneration, RQTransformerPipeline
+    from hf_rq.rq.text_tokenizer import train_rq_text_tokenizer
+
+    vqvae = tiny_rqvae(seed=seed)
+    text = train_rq_text_tokenizer(["grinning face", "red apple", "a cat with a hat", "smiling face"], 48, 6)
+    config = RQTransformerConfig(codebook_size=16, grid_height=4, grid_width=4, code_depth=3, code_embed_dim=8,
+                                 hidden_size=32, num_spatial_layers=1, num_depth_layers=1, num_attention_heads=2,
+                                 text_length=6, text_vocab_size=len(text), text_pad_token_id=text.pad_token_id,
+                                 use_null_text=True, text_dropout_prob=0.1)
+    torch.manual_seed(seed)
+    prior = RQTransformerForImageGeneration.from_tokenizer(config, vqvae).eval()
+    pipe = RQTransformerPipeline(vqvae=vqvae, transformer=prior, tokenizer=text)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -184,3 +184,44 @@ def test_entry_point_default_model(tmp_path):
     image = np.asarray(PIL.Image.open(tmp_path / "out.png"))
     assert image.shape[0] >= 64 and image.std() > 10  # 9 class rows of 64x64 samples, not a blank canvas
     shutil.rmtree(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------- --prompt
+@pytest.fixture(scope="module")
+def text_pipeline_dir(tmp_path_factory):
+    from evaluation_utils import tiny_rq_text_pipeline
+
+    folder = tmp_path_factory.mktemp("pipe") / "tiny-rq-text"
+    tiny_rq_text_pipeline().save_pretrained(folder)
+    return folder
+
+
+def test_generate_with_prompts(capsys, tmp_path, text_pipeline_dir):
+    argv = ["generate", "--model", text_pipeline_dir, "--prompt", "grinning face", "a red apple!", "--num-images", "2",
+            "--seed", "1", "--quiet"]
+    code, out, err = run_in_process(argv + ["--output", tmp_path / "samples"], capsys)
+    assert code == 0 and "wrote 4 images" in out, err
+    files = sorted(p.name for p in (tmp_path / "samples").iterdir())
+    assert files == ["0000_grinning_face.png", "0001_grinning_face.png", "0002_a_red_apple.png", "0003_a_red_apple.png"]
+    code, _, _ = run_in_process(argv + ["--output", tmp_path / "grid.png"], capsys)
+    grid = PIL.Image.open(tmp_path / "grid.png")
+    assert code == 0 and grid.size == (2 * 32 + 2, 2 * 32 + 2)  # one row per prompt
+    np.testing.assert_array_equal(np.asarray(grid)[:32, :32],
+                                  np.asarray(PIL.Image.open(tmp_path / "samples" / "0000_grinning_face.png")))
+    code, out, err = run_in_process(["generate", "--model", text_pipeline_dir, "--prompt", "cat", "--guidance-scale", "2",
+                                     "--negative-prompt", "dog", "--quiet", "--output", tmp_path / "g.png"], capsys)
+    assert code == 0, err
+
+
+def test_generate_prompt_errors(capsys, tmp_path, text_pipeline_dir, pipeline_dir):
+    cases = [
+        (["--model", text_pipeline_dir], "text-to-image model: pass --prompt"),
+        (["--model", text_pipeline_dir, "--class", "flags"], "text-to-image model: pass --prompt"),
+        (["--model", text_pipeline_dir, "--prompt", "cat", "--class", "0"], "either --prompt or --class"),
+        (["--model", pipeline_dir, "--prompt", "cat"], "not a text-to-image model"),
+        (["--model", text_pipeline_dir, "--prompt", "cat", "--negative-prompt", "dog"], "guidance_scale > 1"),
+        (["--model", pipeline_dir, "--negative-prompt", "dog"], "--negative-prompt needs --prompt"),
+    ]
+    for argv, expected in cases:
+        code, _, err = run_in_process(["generate", *argv, "--output", tmp_path / "x.png"], capsys)
+        assert code == 1 and expected in err and len(err.strip().splitlines()) == 1, (argv, err)

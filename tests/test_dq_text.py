@@ -12,7 +12,7 @@ from hf_rq.checkpoint_utils import CheckpointError
 from hf_rq.dq.conversion import convert_dqtransformer
 from hf_rq.dq.text_conditioning import clip_tokenizer_from_bpe, load_clip_text_encoder
 from hf_rq.dq.tokens import DQTokens
-from hf_rq.pipeline_utils import prepare_prompts
+from hf_rq.prompts import prepare_prompts
 
 SEQUENCES = ("coarse_content", "coarse_position", "fine_content", "fine_position")
 GREEDY = dict(do_sample=False, top_k=None, top_p=None, position_top_k=None, position_top_p=None)
@@ -161,7 +161,7 @@ def test_pipeline_prompts_outputs_and_progress(pipe, ref, meta):
 def test_pipeline_bad_inputs(pipe, prior):
     with pytest.raises(ValueError, match="empty list"):
         pipe(prompt=[])
-    with pytest.raises(TypeError, match="prompt must be a string"):
+    with pytest.raises(TypeError, match=r"prompt\[0\] is a int, not a string"):
         pipe(prompt=[1, 2])
     with pytest.raises(ValueError, match="pass prompt"):
         pipe()
@@ -195,7 +195,7 @@ def test_prompt_to_a_class_model(fixtures_dir):
                        decoder_block_out_channels=(32, 32, 32), decoder_layers_per_block=1,
                        decoder_attn_resolutions=(), latent_channels=32, embed_dim=32, codebook_size=32)
     pipe = DQTransformerPipeline(vqvae=vqvae, transformer=prior)
-    with pytest.raises(ValueError, match="not text-conditional"):
+    with pytest.raises(ValueError, match="takes no prompt"):
         pipe(prompt="a red apple")
     with pytest.raises(ValueError, match="not text-conditional"):
         prior.generate(text_features=torch.zeros(1, 24))
@@ -203,14 +203,14 @@ def test_prompt_to_a_class_model(fixtures_dir):
 
 def test_prepare_prompts():
     assert prepare_prompts("a", None, 2) == (["a", "a"], None)
-    assert prepare_prompts(["a", "b"], "n", 2) == (["a", "a", "b", "b"], ["n", "n", "n", "n"])
-    assert prepare_prompts(["a", "b"], ["x", "y"], 1) == (["a", "b"], ["x", "y"])
+    assert prepare_prompts(["a", "b"], "n", 2, 2.0) == (["a", "a", "b", "b"], ["n", "n", "n", "n"])
+    assert prepare_prompts(["a", "b"], ["x", "y"], 1, 2.0) == (["a", "b"], ["x", "y"])
     with pytest.raises(ValueError, match="2 prompts"):
-        prepare_prompts(["a", "b"], ["x", "y", "z"])
+        prepare_prompts(["a", "b"], ["x", "y", "z"], 1, 2.0)
     with pytest.raises(ValueError, match="num_images_per_prompt"):
         prepare_prompts("a", None, 0)
     with pytest.raises(ValueError, match="negative_prompt is an empty list"):
-        prepare_prompts("a", [])
+        prepare_prompts("a", [], 1, 2.0)
 
 
 def test_save_load_folder_and_offline_hub_cache(pipe, ref, tmp_path, monkeypatch):

@@ -376,3 +376,63 @@ def test_fine_tune_tokenizer_from_hub_id(scripts, readme_runs, tmp_path):
     tuned = RQVAEModel.from_pretrained(tmp_path / "ft")
     w0, w1 = start.decoder.conv_out.weight, tuned.decoder.conv_out.weight
     assert not torch.equal(w0, w1) and (w0 - w1).abs().max() < 1e-4  # one tiny step away from the pretrained weights
+
+
+# ------------------------------------------------------------------------------------------- captions
+def caption_folder(tmp_path):
+    """fixtures/images with captions, through training/make_caption_metadata.py (as the emoji default is made)."""
+    spec = importlib.util.spec_from_file_location("make_caption_metadata", REPO / "training" / "make_caption_metadata.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = ["file_name,split,label,caption,text"]
+    for i, path in enumerate(sorted(IMAGES.glob("*/*/*.png"))):
+        rel = path.relative_to(IMAGES)
+        rows.append(f"{rel.as_posix()},{rel.parts[0]},{rel.parts[1]},\"{rel.parts[1].split('_')[0]} number {i}\",{path.stem}")
+    (tmp_path / "annotations.csv").write_text("\n".join(rows) + "\n")
+    module.main(["--data_dir", str(IMAGES), "--annotations", str(tmp_path / "annotations.csv"),
+                 "--output_dir", str(tmp_path / "captioned")])
+    return tmp_path / "captioned"
+
+
+def caption_args(tokenizer, data, out, extra=()):
+    return ["--model", "rq", "--tokenizer_name_or_path", str(tokenizer), "--model_config", TINY_PRIOR,
+            "--train_data_dir", str(data), "--caption_column", "caption", "--text_vocab_size", "40", "--text_length", "6",
+            "--text_dropout_prob", "0.5", "--resolution", "16", "--train_batch_size", "2", "--max_train_steps", "2",
+            "--lr_warmup_steps", "1", "--checkpointing_steps", "2", "--validation_steps", "100",
+            "--num_validation_images", "2", "--report_to", "none", "--code_cache_dir", str(Path(out).parent / "cache"),
+            "--output_dir", str(out), *extra]
+
+
+def test_text_to_image_prior_training(scripts, tmp_path):
+    from evaluation_utils import tiny_rqvae
+
+    tp = scripts["train_prior"]
+    data = caption_folder(tmp_path)
+    assert (data / "train" / "metadata.jsonl").is_file() and (data / "test" / "metadata.jsonl").is_file()
+    tiny_rqvae(sample_size=16).save_pretrained(tmp_path / "tok")
+    tp.main(caption_args(tmp_path / "tok", data, tmp_path / "t2i"))
+    pipe = RQTransformerPipeline.from_pretrained(tmp_path / "t2i")
+    c = pipe.transformer.config
+    assert (c.text_length, c.num_classes, c.use_null_text, c.text_dropout_prob) == (6, 0, True, 0.5)
+    assert c.text_vocab_size == len(pipe.tokenizer) and c.text_pad_token_id == pipe.tokenizer.pad_token_id == 0
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(prompt="animals number 1", guidance_scale=2.0, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images
+    assert images.shape == (1, 16, 16, 3)
+    assert "prompt=" in (tmp_path / "t2i" / "README.md").read_text()
+    # Other captions, same images: the code cache is reused (captions are joined on the row index, not cached).
+    caches = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    tp.main(caption_args(tmp_path / "tok", data, tmp_path / "t2i-text", extra=["--caption_column", "text"]))
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == caches
+    # Fine-tuning the text pipeline reuses its tokenizer.
+    tp.main(caption_args(tmp_path / "tok", data, tmp_path / "ft", extra=["--pretrained_model_name_or_path",
+                                                                           str(tmp_path / "t2i")]))
+    assert RQTransformerPipeline.from_pretrained(tmp_path / "ft").tokenizer.get_vocab() == pipe.tokenizer.get_vocab()
+
+
+def test_text_to_image_bad_configuration(scripts, tmp_path):
+    tp = scripts["train_prior"]
+    with pytest.raises(DataConfigError, match="--caption_column 'nope'"):
+        tp.main(caption_args(tmp_path / "tok", IMAGES, tmp_path / "x", extra=["--caption_column", "nope"]))
+    with pytest.raises(SystemExit):  # the DQ prior has no text-conditional form
+        tp.main(caption_args(tmp_path / "tok", IMAGES, tmp_path / "x", extra=["--model", "dq"]))

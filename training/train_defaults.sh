@@ -5,6 +5,7 @@
 #
 #   DATA=../shared/data/emoji OUT=runs/defaults bash training/train_defaults.sh          # all three families
 #   FAMILIES="rq" bash training/train_defaults.sh                                       # one of them
+#   FAMILIES="rq-text" bash training/train_defaults.sh    # the text-to-image default (rq-emoji-64-text)
 #
 # With a GPU the three families train side by side (the models are small, the GPU is mostly idle otherwise);
 # on a CPU they run one after the other. TOKENIZER_STEPS / PRIOR_STEPS scale a run down for a smoke test.
@@ -57,7 +58,21 @@ train_family() {
         timed ctf "$PYTHON" training/train_prior.py --model ctf --tokenizer_name_or_path "$OUT/llamagen-vq-emoji-64" \
             --model_config training/configs/ctf_emoji64.json --class_dropout_prob 0.1 \
             "${common[@]}" "${prior_args[@]}" --output_dir "$OUT/ctf-emoji-64" ;;
-    *) echo "unknown family '$1' (expected rq, dq or ctf)" >&2; return 2 ;;
+    rq-text)
+        # Text-to-image: the captions as imagefolder metadata, then only the prior, on the RQ-VAE of rq-emoji-64 and
+        # warm-started from its class-conditional prior (same architecture; the text prefix starts fresh). This is
+        # the exact command of the bundled model (2-core CPU, ~17 minutes); RQ_BASE picks another base pipeline.
+        local base=${RQ_BASE:-src/hf_rq/bundled/rq-emoji-64}
+        timed captions "$PYTHON" training/make_caption_metadata.py --data_dir "$DATA" --output_dir "$OUT/emoji-captions"
+        OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} timed rq-text "$PYTHON" training/train_prior.py --model rq \
+            --tokenizer_name_or_path "$base" --init_prior_weights "$base" \
+            --model_config training/configs/rqtransformer_emoji64_text.json \
+            --train_data_dir "$OUT/emoji-captions" --caption_column caption --text_dropout_prob 0.1 \
+            --resolution 64 --random_flip --seed "$SEED" --train_batch_size 64 --learning_rate 5e-4 \
+            --lr_scheduler cosine --lr_warmup_steps 20 --max_train_steps "${TEXT_PRIOR_STEPS:-500}" \
+            --checkpointing_steps 50 --checkpoints_total_limit 1 --validation_steps "${TEXT_PRIOR_STEPS:-500}" \
+            --num_validation_images 8 --logging_steps 25 --output_dir "$OUT/rq-emoji-64-text" ;;
+    *) echo "unknown family '$1' (expected rq, dq, ctf or rq-text)" >&2; return 2 ;;
     esac
 }
 

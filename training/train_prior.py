@@ -33,6 +33,7 @@ from hf_rq.training import (
     write_rank_report,
 )
 from hf_rq.training.priors import PRIORS, get_prior_spec
+from hf_rq.training.text import add_text_arguments, caption_table, load_text_tokenizer
 
 logger = logging.getLogger("train_prior")
 
@@ -58,10 +59,15 @@ def parse_args(argv=None):
                    help="CTF: coarse labels (k-means clusters of the codebook); default codebook_size / 32 (512 for 16384).")
     g.add_argument("--ctf_stage", choices=["both", "coarse", "fine"], default="both",
                    help="CTF: train both stages, or only stage 1 (coarse labels) or stage 2 (fine codes).")
+    g.add_argument("--init_prior_weights", type=str, default=None,
+                   help="Warm start a prior built from --model_config: copy every weight of this prior (a pipeline or "
+                        "prior folder / Hub id of the same family) whose name and shape match (e.g. the transformers of a "
+                        "class-conditional model under a new text prefix); the rest stays freshly initialised.")
     g.add_argument("--code_cache_dir", type=str, default=None, help="Where cached codes go (default: output_dir/code_cache).")
     g.add_argument("--cache_batch_size", type=int, default=64)
     g.add_argument("--validation_guidance_scale", type=float, default=None, help="CFG scale of the validation samples.")
     add_data_arguments(parser)
+    add_text_arguments(parser)
     add_training_arguments(parser, default_lr=5e-4)
     # The RQ-Transformer authors' stage-2 optimiser (ARCHITECTURE.md 3.2), with a warm-up.
     parser.set_defaults(adam_beta1=0.9, adam_beta2=0.95, adam_weight_decay=1e-4, max_grad_norm=1.0,
@@ -76,6 +82,10 @@ def parse_args(argv=None):
         parser.error("training from scratch needs --model_config (the prior's architecture)")
     if not 0 <= args.class_dropout_prob < 1:
         parser.error(f"--class_dropout_prob must be in [0, 1), got {args.class_dropout_prob}")
+    if not 0 <= args.text_dropout_prob < 1:
+        parser.error(f"--text_dropout_prob must be in [0, 1), got {args.text_dropout_prob}")
+    if args.caption_column and not PRIORS[args.model].supports_text:
+        parser.error(f"--caption_column: the {args.model} prior has no text-conditional form (use --model rq)")
     if args.soft_label_temperature <= 0:
         parser.error(f"--soft_label_temperature must be > 0, got {args.soft_label_temperature}")
     return args
@@ -95,12 +105,25 @@ def main(argv=None):
     tokenizer.requires_grad_(False).eval().to(accelerator.device)
     check_resolution(args.resolution, tokenizer.downsample_factor, type(tokenizer).__name__)
     check_tokenizer_input(tokenizer, args.resolution)
-    spec.check_data(data.num_classes)
+    text_tokenizer, text = None, {}
+    config = None if args.pretrained_model_name_or_path else parse_config_argument(args.model_config)
+    if args.caption_column:
+        text_tokenizer = load_text_tokenizer(args, data.train_captions, config)
+        text = {"text_tokenizer": text_tokenizer}
+    else:
+        spec.check_data(data.num_classes)
     if args.pretrained_model_name_or_path:
         prior = spec.load_prior(args.pretrained_model_name_or_path, args.revision)
-        spec.check_prior(prior, tokenizer, data.num_classes, args)
+        spec.check_prior(prior, tokenizer, data.num_classes, args, **text)
     else:
-        prior = spec.build_prior(tokenizer, parse_config_argument(args.model_config), data.num_classes, args)
+        prior = spec.build_prior(tokenizer, config, data.num_classes, args, **text)
+        if args.init_prior_weights:
+            copied, skipped = copy_matching_weights(prior, spec.load_prior(args.init_prior_weights, args.revision))
+            logger.info(f"--init_prior_weights: copied {len(copied)} tensors; kept fresh: {skipped}")
+    if text_tokenizer is not None:  # row i of the split -> its caption's ids (joined on the code cache's index)
+        length = prior.config.text_length
+        data.train_text_ids = caption_table(text_tokenizer, data.train_captions, length)
+        data.val_text_ids = caption_table(text_tokenizer, data.validation_captions, length) if data.validation_captions else None
     spec.set_class_names(prior, data.id2label)
     spec.prepare_for_training(prior, args)
     if args.gradient_checkpointing:
@@ -154,6 +177,8 @@ def main(argv=None):
             # Draws (stochastic codes) depend only on (seed, rank, step, micro-batch): exact on resume.
             generator = step_generator(args.seed, accelerator.process_index, state.step, state.batches_in_epoch,
                                        device=accelerator.device)
+            if text_tokenizer is not None:
+                batch["text_ids"] = data.train_text_ids[batch["index"].cpu()].to(accelerator.device)
             with accelerator.accumulate(prior):
                 with accelerator.autocast():
                     loss, logs = spec.training_loss(prior, tokenizer, batch, args, generator)
@@ -180,7 +205,8 @@ def main(argv=None):
             if state.step % args.validation_steps == 0:
                 plain = gathered_model(accelerator, prior, prior_cls, prior_config)  # all ranks: a collective
                 if accelerator.is_main_process:
-                    validate(args, accelerator, spec, tokenizer, plain, ema, data, val_codes, state.step)
+                    validate(args, accelerator, spec, tokenizer, plain, ema, data, val_codes, state.step,
+                             text_tokenizer)
             if state.step >= max_steps:
                 break
         else:
@@ -196,16 +222,17 @@ def main(argv=None):
         if ema is not None:
             ema.copy_to(final.parameters())
         final.eval()
-        pipeline = spec.make_pipeline(tokenizer, final)
+        pipeline = spec.make_pipeline(tokenizer, final, text_tokenizer)
         pipeline.save_pretrained(args.output_dir)
-        metrics = validate(args, accelerator, spec, tokenizer, final, None, data, val_codes, state.step, final=True)
+        metrics = validate(args, accelerator, spec, tokenizer, final, None, data, val_codes, state.step,
+                           text_tokenizer, final=True)
         finish(args, pipeline, final, data, metrics)
     accelerator.end_training()
     return state
 
 
 @torch.no_grad()
-def validate(args, accelerator, spec, tokenizer, prior, ema, data, val_codes, step, final=False):
+def validate(args, accelerator, spec, tokenizer, prior, ema, data, val_codes, step, text_tokenizer=None, final=False):
     """Loss on the validation split's codes (hard targets) and a grid of samples (EMA weights when kept)."""
     if ema is not None:
         ema.store(prior.parameters())
@@ -217,14 +244,20 @@ def validate(args, accelerator, spec, tokenizer, prior, ema, data, val_codes, st
         losses = []
         for start in range(0, len(val_codes), args.train_batch_size):
             batch = {k: v.to(accelerator.device) for k, v in val_codes[start:start + args.train_batch_size].items()}
+            if text_tokenizer is not None:
+                batch["text_ids"] = data.val_text_ids[batch["index"].cpu()].to(accelerator.device)
             losses.append(spec.validation_loss(prior, batch).item() * len(batch["codes"]))
         metrics["val_loss"] = sum(losses) / len(val_codes)
         accelerator.log(metrics, step=step)
-    pipeline = spec.make_pipeline(tokenizer, prior)
+    pipeline = spec.make_pipeline(tokenizer, prior, text_tokenizer)
     generator = torch.Generator(accelerator.device).manual_seed(args.seed)
     n = args.num_validation_images
-    labels = [i % data.num_classes for i in range(n)] if data.num_classes else None
-    images = spec.sample(pipeline, labels, n, generator, args.validation_guidance_scale) if n else []
+    labels = [i % data.num_classes for i in range(n)] if data.num_classes and text_tokenizer is None else None
+    prompts = None
+    if text_tokenizer is not None:
+        pool = data.validation_captions or data.train_captions
+        prompts = [pool[i * len(pool) // max(n, 1)] for i in range(n)]
+    images = spec.sample(pipeline, labels, n, generator, args.validation_guidance_scale, prompts) if n else []
     if images:
         name = "final" if final else f"step-{step}"
         log_image_grid(accelerator, "samples", images[:n], step, rows=max(1, int(math.sqrt(len(images[:n])))),
@@ -235,6 +268,22 @@ def validate(args, accelerator, spec, tokenizer, prior, ema, data, val_codes, st
     return metrics
 
 
+@torch.no_grad()
+def copy_matching_weights(prior, source):
+    """Copy ``source``'s tensors into ``prior`` where name and shape match; -> (copied names, names left as they were)."""
+    theirs = source.state_dict()
+    copied, skipped = [], []
+    for name, tensor in prior.state_dict().items():
+        if name in theirs and theirs[name].shape == tensor.shape:
+            tensor.copy_(theirs[name])
+            copied.append(name)
+        else:
+            skipped.append(name)
+    if not copied:
+        raise ValueError("--init_prior_weights: no tensor of that prior matches this one's names and shapes")
+    return copied, skipped
+
+
 def finish(args, pipeline, prior, data, metrics):
     out = Path(args.output_dir)
     (out / "eval_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -242,6 +291,8 @@ def finish(args, pipeline, prior, data, metrics):
     cls = type(pipeline).__name__
     label = repr(data.id2label[0]) if data.id2label else None
     call = f"class_labels=[{label}], " if label else ""
+    if data.train_captions:
+        call = f"prompt={data.train_captions[0]!r}, "
     usage = (f"import torch\nfrom hf_rq import {cls}\n\npipe = {cls}.from_pretrained({repo_id!r})\n"
              f"image = pipe({call}generator=torch.Generator().manual_seed(0)).images[0]\nimage.save(\"sample.png\")")
     make_model_card(out, repo_id=repo_id, kind="pipeline", model_class=cls, script="train_prior.py", args=args,

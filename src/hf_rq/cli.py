@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from .cli_prompts import add_prompt_arguments, prompt_call_arguments, prompt_file_label, prompt_requests
+
 DEFAULT_MODEL = "hf-rq/rq-emoji-64"
 DEFAULT_CLASSIFIER = "hf-rq/emoji-classifier-64"  # == hf_rq.evaluation.DEFAULT_CLASSIFIER (not imported: slow)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -202,10 +204,13 @@ def cmd_generate(args) -> int:
     device = _device(args.device)
     pipe = _load_pipeline(args.model, device)
     overrides = _sampling_overrides(args, pipe)
-    class_ids = _resolve_classes(pipe, args.class_labels)
+    prompts = prompt_requests(pipe, args, CLIError)
+    class_ids = None if prompts else _resolve_classes(pipe, args.class_labels)
     _, names = _pipeline_classes(pipe)
     generator = torch.Generator(device).manual_seed(args.seed)
-    if class_ids is None:
+    if prompts:
+        requested = [p for p in prompts for _ in range(args.num_images)]
+    elif class_ids is None:
         requested = [None] * args.num_images
     else:
         requested = [c for c in class_ids for _ in range(args.num_images)]
@@ -214,7 +219,9 @@ def cmd_generate(args) -> int:
     for i, batch in enumerate(batches, start=1):
         pipe.set_progress_bar_config(desc=f"batch {i}/{len(batches)}", disable=args.quiet)
         try:
-            if batch[0] is None:
+            if prompts:
+                result = pipe(generator=generator, **prompt_call_arguments(batch, args), **overrides)
+            elif batch[0] is None:
                 result = pipe(num_images_per_prompt=len(batch), generator=generator, **overrides)
             else:
                 result = pipe(class_labels=batch, generator=generator, **overrides)
@@ -223,13 +230,19 @@ def cmd_generate(args) -> int:
         images.extend(result.images)
 
     def label(c):
+        if isinstance(c, str):
+            return prompt_file_label(c)
         return "sample" if c is None else (names or {}).get(c, f"class{c}")
 
     if is_file:
         if len(images) == 1:
             picture = images[0]
         else:
-            if class_ids is not None and args.num_images > 1:
+            if prompts and args.num_images > 1:
+                rows = len(prompts)  # one row per prompt, one column per sample
+            elif prompts:
+                rows = 1
+            elif class_ids is not None and args.num_images > 1:
                 rows = len(class_ids)  # one row per class, one column per sample
             elif class_ids is not None:
                 rows = 1  # one sample per class: a single row
@@ -507,8 +520,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     g = sub.add_parser("generate", help="sample images from a pipeline",
-                       description="Sample class-conditional (or unconditional) images from an hf-rq pipeline.",
+                       description="Sample class-conditional, text-conditional (--prompt) or unconditional images "
+                                   "from an hf-rq pipeline.",
                        epilog="Examples: hf-rq generate --output out.png; "
+                              "hf-rq generate --model hf-rq/rq-emoji-64-text --prompt \"grinning face\" --output face.png; "
                               "hf-rq generate --class animals_nature flags --num-images 4 --seed 1 --output samples/")
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"pipeline folder, bundled name or Hub id (default: {DEFAULT_MODEL})")
@@ -518,6 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per class (unconditional model: in total) (default: 1)")
     g.add_argument("--seed", type=_seed, default=0, help="random seed; the same seed gives the same images (default: 0)")
     g.add_argument("--batch-size", type=_positive, default=16, help="images sampled at once (default: 16)")
+    add_prompt_arguments(g)
     _add_sampling_arguments(g)
     g.add_argument("--output", required=True, metavar="FILE_OR_DIR",
                    help="an image file (.png/.jpg: one image, or a grid: one row per class, one column per sample) or a folder "

@@ -150,37 +150,3 @@ def generation_overrides(**kwargs) -> dict:
         # A list's entries are checked here; whether the prior takes per-depth lists, and of which length, there.
         check_sampling_value(name, value, depth=len(value) if isinstance(value, (list, tuple)) else None)
     return overrides
-
-
-def prepare_prompts(prompt, negative_prompt=None, num_images_per_prompt: int = 1) -> tuple[list[str], list[str] | None]:
-    """Validate text prompts at a pipeline's boundary and batch them: ``prompt`` (a string or a non-empty list of
-    strings) -> one prompt per image, each repeated ``num_images_per_prompt`` times in place (``[a, a, b, b]``), as
-    class labels are; ``negative_prompt`` (None, a string for every prompt, or a list with one per prompt) -> the
-    same layout, or None. Only checks and batching: whether a model takes prompts, and tokenization, are the
-    pipeline's business. Raises ``TypeError`` / ``ValueError`` naming the argument.
-    """
-    n = num_images_per_prompt
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
-
-    def as_list(value, name: str) -> list[str]:
-        values = [value] if isinstance(value, str) else value
-        if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
-            raise TypeError(f"{name} must be a string or a list of strings, got {type(value).__name__}"
-                            + ("" if not isinstance(values, (list, tuple)) else " with non-string entries"))
-        if not values:
-            raise ValueError(f"{name} is an empty list: pass at least one prompt")
-        return list(values)
-
-    if prompt is None:
-        raise ValueError("this pipeline's model is text-conditional: pass prompt (a string or a list of strings)")
-    prompts = as_list(prompt, "prompt")
-    negatives = None
-    if negative_prompt is not None:
-        negatives = as_list(negative_prompt, "negative_prompt")
-        if len(negatives) == 1:
-            negatives = negatives * len(prompts)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts: pass one, or one per prompt")
-        negatives = [p for p in negatives for _ in range(n)]
-    return [p for p in prompts for _ in range(n)], negatives

@@ -12,7 +12,8 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from ..editing import EditingPipelineMixin
 from ..image_processing import numpy_to_pil, postprocess_images
 from ..hub import BundledModelsMixin
-from ..pipeline_utils import ClassLabelsMixin, check_output_type, generation_overrides, prepare_prompts
+from ..pipeline_utils import ClassLabelsMixin, check_output_type, generation_overrides
+from ..prompts import check_conditioning_kind, prepare_prompts
 from .editing import DQKnownTokens
 from .prior import DQTransformerForImageGeneration
 from .text_conditioning import encode_prompt
@@ -87,17 +88,15 @@ class DQTransformerPipeline(BundledModelsMixin, ClassLabelsMixin, EditingPipelin
         """-> ``(text features (N, D), N)`` for a text-to-image prior (one row per image), ``(None, None)`` for a
         class / unconditional one; refuses a prompt to a class model, class labels to a text model, and
         ``negative_prompt`` (the authors' DQ models have no null text to guide with)."""
-        if not self.transformer.config.text_feature_size:
-            if prompt is not None or negative_prompt is not None:
-                raise ValueError("this DQ-Transformer is not text-conditional (class-conditional or unconditional): it "
-                                 "takes no prompt / negative_prompt; pass class_labels")
-            return None, None
-        if class_labels is not None:
-            raise ValueError("this DQ-Transformer is text-conditional: pass prompt, not class_labels")
-        prompts, negatives = prepare_prompts(prompt, negative_prompt, num_images_per_prompt)
-        if negatives is not None:
+        c = self.transformer.config
+        check_conditioning_kind(prompt, class_labels, text_conditional=bool(c.text_feature_size),
+                                num_classes=c.num_classes)  # the same errors in every family (hf_rq.prompts)
+        if negative_prompt is not None:
             raise ValueError("negative_prompt needs classifier-free guidance, and this DQ-Transformer has no null text "
                              "to guide with (the authors' text-to-image model is trained without caption dropout)")
+        if not c.text_feature_size:
+            return None, None
+        prompts, _ = prepare_prompts(prompt, None, num_images_per_prompt)
         return self.encode_prompt(prompts), len(prompts)
 
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:

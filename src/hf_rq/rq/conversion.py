@@ -158,6 +158,17 @@ _RQT_RENAMES = {
     "classifier.linear.weight": "lm_head.weight",
     "classifier.linear.bias": "lm_head.bias",
 }
+# The text-to-image model (block_size_cond > 1): the conditioning stream is the text prefix.
+_RQT_TEXT_RENAMES = {
+    "pos_emb_cond": "text_position_embedding",
+    "cond_emb.weight": "text_embedding.weight",
+    "cond_classifier.layer_norm.weight": "text_head.layer_norm.weight",
+    "cond_classifier.layer_norm.bias": "text_head.layer_norm.bias",
+    "cond_classifier.linear.weight": "text_head.linear.weight",
+    "cond_classifier.linear.bias": "text_head.linear.bias",
+}
+# Their text tokenizers of the CharBPE kind (``txt_tok_name``); the others are not used by a released model.
+_RQT_TEXT_TOKENIZERS = ("bpe16k_huggingface", "bpe30k_huggingface")
 
 
 def _stack_block(arch: Mapping, name: str) -> dict:
@@ -180,7 +191,8 @@ def rqtransformer_config_from_official(arch: Mapping, vocab_size: int | None = N
 
     ``vocab_size`` is used when the block has none (the published yamls take it from ``dataset.vocab_size``).
     Only the image models are supported: codeword inputs (``input_emb_vqvae``, ``head_emb_vqvae``,
-    ``cumsum_depth_ctx``), one shared classifier, and a single class/start token (not the CC-3M text prefix).
+    ``cumsum_depth_ctx``), one shared classifier, and a single class/start token or (``block_size_cond > 1``,
+    the CC-3M model) a text prefix of ``block_size_cond`` tokens from ``vocab_size_cond``.
     """
     require_keys(arch, ["block_size", "embed_dim", "input_embed_dim"], "RQ-Transformer arch")
     unknown = sorted(set(arch) - set(_RQT_DEFAULTS) - _RQT_IGNORED - {"block_size", "embed_dim", "input_embed_dim",
@@ -201,14 +213,17 @@ def rqtransformer_config_from_official(arch: Mapping, vocab_size: int | None = N
         if len(set(vocab)) != 1:
             raise CheckpointError(f"per-depth vocab sizes {vocab} differ; only one size is supported")
         vocab = vocab[0]
-    if int(a["block_size_cond"]) > 1:
-        raise CheckpointError(f"block_size_cond={a['block_size_cond']} (a text prefix) is not supported; only class/unconditional models")
+    text_length = int(a["block_size_cond"]) if int(a["block_size_cond"]) > 1 else 0
+    if text_length and int(a["vocab_size_cond"]) <= 1:
+        raise CheckpointError(f"block_size_cond={text_length} needs vocab_size_cond > 1 (the text vocabulary)")
     body, head = _stack_block(a, "body"), _stack_block(a, "head")
     for key in ("attn_pdrop", "resid_pdrop"):
         if body[key] != head[key]:
             raise CheckpointError(f"body and head use different {key} ({body[key]} vs {head[key]}); only one value is supported")
-    num_classes = int(a["vocab_size_cond"]) if int(a["vocab_size_cond"]) > 1 else 0
+    num_classes = int(a["vocab_size_cond"]) if int(a["vocab_size_cond"]) > 1 and not text_length else 0
+    text = dict(text_length=text_length, text_vocab_size=int(a["vocab_size_cond"])) if text_length else {}
     return dict(
+        **text,
         codebook_size=int(vocab),
         grid_height=int(block_size[0]),
         grid_width=int(block_size[1]),
@@ -226,14 +241,17 @@ def rqtransformer_config_from_official(arch: Mapping, vocab_size: int | None = N
     )
 
 
-def convert_rqtransformer_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename the authors' stage-2 keys to ``RQTransformerForImageGeneration`` keys (no codebook yet)."""
+def convert_rqtransformer_state_dict(state_dict: Mapping[str, torch.Tensor], text: bool = False) -> dict[str, torch.Tensor]:
+    """Rename the authors' stage-2 keys to ``RQTransformerForImageGeneration`` keys (no codebook yet).
+
+    ``text``: the checkpoint is the text-to-image model (its ``cond_*`` keys are the text prefix)."""
     from ..transformer_blocks import convert_mingpt_block_keys
 
+    renames = {**_RQT_RENAMES, **_RQT_TEXT_RENAMES} if text else _RQT_RENAMES
     out, unknown = {}, []
     for key, value in state_dict.items():
-        if key in _RQT_RENAMES:
-            out[_RQT_RENAMES[key]] = value
+        if key in renames:
+            out[renames[key]] = value
         elif key.startswith("body_transformer.blocks."):
             out[convert_mingpt_block_keys("spatial_transformer." + key[len("body_transformer."):])] = value
         elif key.startswith("head_transformer.blocks."):
@@ -246,12 +264,14 @@ def convert_rqtransformer_state_dict(state_dict: Mapping[str, torch.Tensor]) -> 
 
 
 def convert_rqtransformer(state_dict: Mapping[str, torch.Tensor], arch: Mapping, tokenizer: RQVAEModel,
-                          sampling: Mapping | None = None, id2label: Mapping | None = None):
+                          sampling: Mapping | None = None, id2label: Mapping | None = None, text_tokenizer=None):
     """Build an ``RQTransformerForImageGeneration`` from the authors' stage-2 state dict and ``arch`` block.
 
     ``tokenizer`` is the matching ``RQVAEModel`` (converted with :func:`convert_rqvae`); its codebook is copied
     into the prior. ``sampling`` (the config's ``experiment.sample`` / ``sampling`` block: ``temperature``,
     ``top_k``, ``top_p``) becomes the saved generation defaults; ``id2label`` names the classes.
+    ``text_tokenizer`` (the authors' text tokenizer, ``hf_rq.rq.text_tokenizer``) is required for a
+    text-to-image checkpoint: its ``[PAD]`` id becomes ``text_pad_token_id`` and its size is checked.
     """
     from transformers import GenerationConfig
 
@@ -259,9 +279,18 @@ def convert_rqtransformer(state_dict: Mapping[str, torch.Tensor], arch: Mapping,
 
     kwargs = rqtransformer_config_from_official(arch, vocab_size=tokenizer.config.codebook_size)
     kwargs["shared_codebook"] = bool(tokenizer.config.shared_codebook)
+    text = kwargs.get("text_length", 0) > 0
+    if text:
+        if text_tokenizer is None:
+            raise CheckpointError("this is a text-to-image checkpoint (block_size_cond > 1): pass the authors' text "
+                                  "tokenizer files (--text-vocab / --text-merges)")
+        if len(text_tokenizer) > kwargs["text_vocab_size"]:
+            raise CheckpointError(f"the text tokenizer has {len(text_tokenizer)} tokens, more than the model's "
+                                  f"vocab_size_cond={kwargs['text_vocab_size']}")
+        kwargs["text_pad_token_id"] = text_tokenizer.pad_token_id
     config = build_prior_config(RQTransformerConfig, kwargs, "RQ-Transformer", id2label)
     model = RQTransformerForImageGeneration(config)
-    converted = convert_rqtransformer_state_dict(state_dict)
+    converted = convert_rqtransformer_state_dict(state_dict, text=text)
     try:
         model.load_codebook_from(tokenizer)
     except ValueError as exc:
@@ -296,16 +325,40 @@ def _run_rqtransformer(args) -> None:
     if dataset_vocab is not None and "vocab_size" not in arch:
         arch = dict(arch, vocab_size=dataset_vocab)
     id2label = load_config_file(args.id2label) if args.id2label else None
+    text_tokenizer = _text_tokenizer(args, full, arch)
     model = convert_rqtransformer(load_state_dict(args.checkpoint, allow_pickle=args.allow_pickle), arch, tokenizer,
-                                  sampling=sampling, id2label=id2label)
-    if args.pipeline:
+                                  sampling=sampling, id2label=id2label, text_tokenizer=text_tokenizer)
+    if args.pipeline or text_tokenizer is not None:
         from .pipeline import RQTransformerPipeline
 
-        RQTransformerPipeline(vqvae=tokenizer, transformer=model).save_pretrained(args.output)
-        print(f"wrote RQTransformerPipeline (vqvae + transformer) to {args.output}")
+        RQTransformerPipeline(vqvae=tokenizer, transformer=model, tokenizer=text_tokenizer).save_pretrained(args.output)
+        print(f"wrote RQTransformerPipeline (vqvae + transformer{' + tokenizer' if text_tokenizer else ''}) to {args.output}")
     else:
         model.save_pretrained(args.output)
         print(f"wrote RQTransformerForImageGeneration to {args.output}")
+
+
+def _text_tokenizer(args, full: Mapping, arch: Mapping):
+    """The authors' text tokenizer for a text-to-image config (None for image models), from --text-vocab/--text-merges."""
+    length = int(arch.get("block_size_cond", 0) or 0)
+    if length <= 1:
+        if args.text_vocab or args.text_merges:
+            raise CheckpointError("--text-vocab / --text-merges: this checkpoint has no text prefix (block_size_cond <= 1)")
+        return None
+    if not (args.text_vocab and args.text_merges):
+        raise CheckpointError(f"this is a text-to-image checkpoint (block_size_cond={length}): pass the authors' text "
+                              "tokenizer files --text-vocab bpe-16k-vocab.json --text-merges bpe-16k-merges.txt (in their "
+                              "rqvae/txtimg_datasets/tokenizers/pretrained/)")
+    dataset = full.get("dataset") or {}
+    name = dataset.get("txt_tok_name", "bpe16k_huggingface")
+    if name not in _RQT_TEXT_TOKENIZERS:
+        raise CheckpointError(f"dataset.txt_tok_name={name!r} is not supported (only {_RQT_TEXT_TOKENIZERS})")
+    context = int(dataset.get("context_length", length))
+    if context != length:
+        raise CheckpointError(f"dataset.context_length={context} differs from arch.block_size_cond={length}")
+    from .text_tokenizer import rq_text_tokenizer_from_files
+
+    return rq_text_tokenizer_from_files(args.text_vocab, args.text_merges, length)
 
 
 def _register_rqtransformer(subparsers) -> None:
@@ -318,5 +371,8 @@ def _register_rqtransformer(subparsers) -> None:
     p.add_argument("--rqvae-config", default=None, help="authors' matching RQ-VAE config (.yaml/.json)")
     p.add_argument("--id2label", default=None, help="JSON file {class id: name} (optional)")
     p.add_argument("--pipeline", action="store_true",
-                   help="write a full RQTransformerPipeline folder (vqvae/ + transformer/) instead of the prior alone")
+                   help="write a full RQTransformerPipeline folder (vqvae/ + transformer/) instead of the prior alone "
+                        "(always done for a text-to-image checkpoint, with tokenizer/)")
+    p.add_argument("--text-vocab", default=None, help="text-to-image: the authors' bpe-16k-vocab.json")
+    p.add_argument("--text-merges", default=None, help="text-to-image: the authors' bpe-16k-merges.txt")
     p.set_defaults(func=_run_rqtransformer)

@@ -34,6 +34,7 @@ from ..sampling_args import check_compile, check_generator, validate_generation_
 from ..transformer_blocks import GPTStack, fused_qkv_projections
 from ..hub import BundledModelsMixin
 from ..kv_cache import StaticKVCache, compile_decoding_step
+from .text_prefix import RQTextPrefixMixin, validate_text_config
 
 
 @strict
@@ -55,6 +56,11 @@ class RQTransformerConfig(PreTrainedConfig):
             which classifier-free guidance needs. Not part of the authors' models.
         class_dropout_prob (`float`): in training, the probability of replacing a label by the null class
             (requires ``use_null_class``).
+        text_length / text_vocab_size (`int`): a text-conditional model (``text_length > 0``, the authors'
+            ``block_size_cond`` / ``vocab_size_cond``) reads this many text tokens instead of the class token;
+            text_pad_token_id, use_null_text (caption dropout to the all-pad null text, for guidance; not in the
+            authors' model), text_dropout_prob, text_loss_weight (the authors' ``txt_weight``, 0.1): see
+            ``hf_rq.rq.text_prefix``.
         embd_pdrop / attn_pdrop / resid_pdrop (`float`): dropout on the spatial input sequence, on attention
             weights and on residual branches (the authors: 0.0 / 0.0 / 0.1).
         layer_norm_eps (`float`), initializer_range (`float`): as in other transformers models.
@@ -76,6 +82,12 @@ class RQTransformerConfig(PreTrainedConfig):
     num_classes: int = 0
     use_null_class: bool = False
     class_dropout_prob: float = 0.0
+    text_length: int = 0
+    text_vocab_size: int = 0
+    text_pad_token_id: int | None = None
+    use_null_text: bool = False
+    text_dropout_prob: float = 0.0
+    text_loss_weight: float = 0.1
     embd_pdrop: float = 0.0
     attn_pdrop: float = 0.0
     resid_pdrop: float = 0.1
@@ -105,6 +117,7 @@ class RQTransformerConfig(PreTrainedConfig):
             raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
         if self.class_dropout_prob > 0 and not self.use_null_class:
             raise ValueError("class_dropout_prob > 0 needs use_null_class=True (dropped labels become the null class)")
+        validate_text_config(self)
 
     @property
     def num_positions(self) -> int:
@@ -113,6 +126,10 @@ class RQTransformerConfig(PreTrainedConfig):
     @property
     def null_class_id(self) -> int | None:
         return self.num_classes if self.use_null_class else None
+
+    @property
+    def is_text_conditional(self) -> bool:
+        return self.text_length > 0
 
 
 @dataclass
@@ -125,6 +142,8 @@ class RQTransformerOutput(ModelOutput):
         logits (`torch.FloatTensor` of shape `(N, h, w, D, K)`): ``logits[:, i, j, d]`` predicts
             ``codes[:, i, j, d]``.
         loss_per_depth (`torch.FloatTensor` of shape `(D,)`, *optional*): the same loss per depth (logging).
+        text_logits (`(N, text_length - 1, text_vocab_size)`, *optional*): a text-conditional model's prediction
+            of text token ``i + 1`` from text position ``i``; text_loss: their cross-entropy, when targets were given.
         spatial_inputs (`(N, T, E)`), spatial_hidden_states (`(N, T, E)`), depth_inputs (`(N, T, D, E)`),
         depth_hidden_states (`(N, T, D, E)`), *optional*: inputs and outputs of the two transformers, with
             ``output_hidden_states=True``. Row ``t`` of ``spatial_hidden_states`` is the context of position ``t``.
@@ -133,6 +152,8 @@ class RQTransformerOutput(ModelOutput):
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     loss_per_depth: torch.FloatTensor | None = None
+    text_logits: torch.FloatTensor | None = None
+    text_loss: torch.FloatTensor | None = None
     spatial_inputs: torch.FloatTensor | None = None
     spatial_hidden_states: torch.FloatTensor | None = None
     depth_inputs: torch.FloatTensor | None = None
@@ -177,15 +198,16 @@ class RQTransformerPreTrainedModel(BundledModelsMixin, PreTrainedModel):
         if isinstance(module, RQTransformerForImageGeneration):
             # Custom parameters and buffers must be set here: transformers 5 builds models on the meta
             # device, so anything left to __init__ would be uninitialised memory after from_pretrained.
-            for param in (module.class_position_embedding, module.spatial_position_embedding,
-                          module.depth_position_embedding):
+            start_position = (module.text_position_embedding if module.config.is_text_conditional
+                              else module.class_position_embedding)
+            for param in (start_position, module.spatial_position_embedding, module.depth_position_embedding):
                 init.normal_(param, mean=0.0, std=0.02)  # the authors' N(0, 0.02) for positional embeddings
             # An unfilled codebook is all zeros; generate() refuses to run on it (see load_codebook_from).
             init.zeros_(module.code_embeddings)
 
 
-class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMixin):
-    r"""RQ-Transformer prior: class label (or nothing) -> residual codes `(N, h, w, D)`.
+class RQTransformerForImageGeneration(RQTextPrefixMixin, RQTransformerPreTrainedModel, GenerationMixin):
+    r"""RQ-Transformer prior: class label, text (``config.text_length > 0``) or nothing -> residual codes `(N, h, w, D)`.
 
     **Why the prior owns a copy of the tokenizer's codebook.** The authors' transformer has no token
     embedding table: it reads the *frozen* RQ-VAE codewords of the codes it conditions on, through a
@@ -204,16 +226,20 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
     * depth slot ``k > 0`` reads ``depth_input_proj(sum_{d<k} e(code_d))``: summed first, bias once; slot 0
       is the spatial context plus the depth position embedding only;
     * the spatial stream is ``[class token, x_0 + pos_0, ..., x_{T-2} + pos_{T-2}]``; position ``t``'s context
-      is output ``t``. An unconditional model uses a one-row class embedding as its start token.
+      is output ``t``. An unconditional model uses a one-row class embedding as its start token; a
+      text-conditional one replaces the class token by ``text_length`` text tokens (``hf_rq.rq.text_prefix``).
     """
 
     def __init__(self, config: RQTransformerConfig):
         super().__init__(config)
         E, C, K, D, T = (config.hidden_size, config.code_embed_dim, config.codebook_size, config.code_depth,
                          config.num_positions)
-        num_class_rows = max(config.num_classes, 1) + int(config.use_null_class)
-        self.class_embedding = nn.Embedding(num_class_rows, E)
-        self.class_position_embedding = nn.Parameter(torch.zeros(1, 1, E))
+        if config.is_text_conditional:
+            self._build_text_prefix(config)
+        else:
+            num_class_rows = max(config.num_classes, 1) + int(config.use_null_class)
+            self.class_embedding = nn.Embedding(num_class_rows, E)
+            self.class_position_embedding = nn.Parameter(torch.zeros(1, 1, E))
         self.spatial_position_embedding = nn.Parameter(torch.zeros(1, T, E))
         self.depth_position_embedding = nn.Parameter(torch.zeros(1, D, E))
         self.spatial_input_proj = nn.Linear(C, E)
@@ -322,6 +348,7 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
         class_labels: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         soft_labels: torch.FloatTensor | None = None,
+        text_ids: torch.LongTensor | None = None,
         output_hidden_states: bool = False,
         return_dict: bool = True,
         **kwargs,
@@ -338,6 +365,10 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
                 cross-entropy averaged over all tokens.
             soft_labels (`torch.FloatTensor` of shape `(N, h, w, D, K)`, *optional*): soft targets (the
                 paper's soft labeling, ``RQVAEModel.get_soft_codes``): soft-target cross-entropy.
+            text_ids (`torch.LongTensor` of shape `(N, text_length)`, *optional*): the captions' token ids, for a
+                text-conditional model (and only for one). In training mode, ``text_dropout_prob`` replaces
+                captions by the null text at random. With targets, the loss is ``(1 - w) * image + w * text``
+                (``w = text_loss_weight``, the authors' weighting) when ``text_length > 1``.
             output_hidden_states (`bool`): also return the inputs / outputs of both transformers.
 
         Returns:
@@ -351,17 +382,17 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
         c = self.config
         N, H, W, D = codes.shape
         T = H * W
-        rows = self._class_rows(class_labels, N, codes.device)
-        if self.training and c.class_dropout_prob > 0:
-            drop = torch.rand(N, device=codes.device) < c.class_dropout_prob
-            rows = torch.where(drop, torch.full_like(rows, c.null_class_id), rows)
+        rows = self._condition_rows(class_labels, text_ids, N, codes.device)
 
         codewords = self.embed_codes(codes.reshape(N, T, D))  # (N, T, D, C)
         # Spatial stream: Linear per depth, then the sum over depths (the bias counts D times, as the authors').
         x = self.spatial_input_proj(codewords).sum(dim=-2) + self.spatial_position_embedding[:, :T]
-        start = self.class_embedding(rows)[:, None] + self.class_position_embedding
-        spatial_inputs = self.embed_dropout(torch.cat([start, x[:, :-1]], dim=1))  # (N, T, E)
-        context = self.spatial_transformer(spatial_inputs)  # row t = context of position t
+        start = self._start_embeddings(rows)  # (N, S, E): class token, start token or text tokens
+        S = start.shape[1]
+        spatial_inputs = self.embed_dropout(torch.cat([start, x[:, :-1]], dim=1))  # (N, S - 1 + T, E)
+        outputs = self.spatial_transformer(spatial_inputs)
+        context = outputs[:, S - 1:]  # row t = context of position t
+        text_logits = self.text_head(outputs[:, :S - 1]) if S > 1 else None
 
         # Depth stream: slot 0 = context, slot k = proj(sum of the codewords of depths < k) (bias once).
         partial = self.depth_input_proj(codewords[:, :, :-1].cumsum(dim=-2))  # (N, T, D-1, E)
@@ -381,15 +412,24 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
             loss = token_loss.mean()
             with torch.no_grad():
                 loss_per_depth = token_loss.detach().reshape(-1, D).mean(dim=0)
+        text_loss = None
+        if loss is not None and text_logits is not None:
+            text_loss = self._text_loss(text_logits, rows)
+            loss = (1 - c.text_loss_weight) * loss + c.text_loss_weight * text_loss
 
         hidden = (spatial_inputs, context, depth_inputs, depth_out) if output_hidden_states else (None,) * 4
-        out = RQTransformerOutput(loss, logits, loss_per_depth, *hidden)
+        out = RQTransformerOutput(loss, logits, loss_per_depth, text_logits, text_loss, *hidden)
         return out if return_dict else out.to_tuple()
 
     # ------------------------------------------------------------------------------ generate
-    def _prepare_generation(self, class_labels, batch_size, guidance_scale):
-        """Class rows `(B,)` for the decoding batch (conditional rows, then null rows under guidance)."""
+    def _prepare_generation(self, class_labels, batch_size, guidance_scale, text_ids=None, negative_text_ids=None):
+        """Class rows `(B,)` (or text ids `(B, L)`) for the decoding batch (conditional rows, then null rows under guidance)."""
         c = self.config
+        if c.is_text_conditional:
+            return self._prepare_text_generation(class_labels, text_ids, negative_text_ids, batch_size, guidance_scale)
+        if text_ids is not None or negative_text_ids is not None:
+            raise ValueError("this model is not text-conditional (config.text_length = 0): it takes no prompt / text_ids"
+                             + ("; it is class-conditional: pass class_labels" if c.num_classes else ""))
         labels = resolve_generation_labels(class_labels, batch_size, c, self.code_embeddings.device)
         use_cfg = guidance_scale > 1.0  # checked by hf_rq.sampling_args: a finite number >= 1
         if use_cfg:
@@ -414,6 +454,8 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
         prefix_codes: torch.LongTensor | None = None,
         known_codes: torch.LongTensor | None = None,
         known_mask: torch.BoolTensor | None = None,
+        text_ids: torch.LongTensor | None = None,
+        negative_text_ids: torch.LongTensor | None = None,
         **kwargs,
     ):
         r"""Sample code grids `(N, h, w, D)`: raster order over positions, coarse to fine inside a position.
@@ -449,6 +491,10 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
                 cached path; the others are sampled in the usual order, each seeing only what precedes it. A draw
                 is skipped where every image of the batch knows the code, so an all-False mask draws exactly as
                 unconditional sampling and an all-True mask returns ``known_codes`` without drawing.
+            text_ids (`torch.LongTensor` of shape `(N, text_length)`, *optional*): a text-conditional model's
+                captions (the pipeline's ``tokenizer`` makes them from ``prompt``).
+            negative_text_ids (`torch.LongTensor` of shape `(N, text_length)`, *optional*): the unconditional branch
+                of guidance instead of the null text (``negative_prompt``); needs ``guidance_scale > 1``.
 
         Returns:
             `torch.LongTensor` `(N, h, w, D)`, or :class:`RQTransformerGenerateOutput` with
@@ -467,8 +513,9 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
         do_sample, temperatures, top_ks, top_ps = (args[k] for k in ("do_sample", "temperature", "top_k", "top_p"))
         if not self.code_embeddings.any():
             raise ValueError("the prior's codebook copy is empty: fill it with load_codebook_from(vqvae) first")
-        rows, use_cfg = self._prepare_generation(class_labels, batch_size, args["guidance_scale"])
-        N = rows.numel() // (2 if use_cfg else 1)
+        rows, use_cfg = self._prepare_generation(class_labels, batch_size, args["guidance_scale"], text_ids,
+                                                 negative_text_ids)
+        N = rows.shape[0] // (2 if use_cfg else 1)
         generator = check_generator(generator, N)
         device = rows.device
 
@@ -538,11 +585,13 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
         head_norm, head = self.final_layer_norm, self.lm_head
         depth_stack, spatial_stack = self.depth_transformer, self.spatial_transformer
 
-        # Both caches are allocated once per call and written in place. The depth cache lives for one position:
-        # it is rewound, not reallocated, at the next one.
+        # Both caches are allocated once per call and written in place; the spatial one also holds the S start
+        # tokens (class / start token, or the text prefix). The depth cache lives for one position: it is rewound,
+        # not reallocated, at the next one.
+        x = self._start_embeddings(rows)  # (B, S, E)
         dtype, device = spatial_pos.dtype, rows.device
         fixed = bool(compile_step)
-        cache = StaticKVCache.for_stack(spatial_stack.blocks, B, T, dtype, device, fixed)
+        cache = StaticKVCache.for_stack(spatial_stack.blocks, B, x.shape[1] + T - 1, dtype, device, fixed)
         depth_cache = StaticKVCache.for_stack(depth_stack.blocks, B, D, dtype, device, fixed)
 
         def spatial_step(x):
@@ -554,10 +603,14 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
         spatial_step = compile_decoding_step(spatial_step, compile_step)
         depth_step = compile_decoding_step(depth_step, compile_step)
 
-        x = (self.class_embedding(rows) + self.class_position_embedding[0])[:, None]  # (B, 1, E)
+        if fixed and x.shape[1] > 1:
+            # A fixed-shape step takes one token: the text prefix enters token by token (the same causal attention).
+            for j in range(x.shape[1] - 1):
+                spatial_step(x[:, j:j + 1])
+            x = x[:, -1:]
         positions = range(T) if progress_bar is None else progress_bar(range(T))
         for t in positions:
-            context = spatial_step(x)  # (B, 1, E): only the new token runs
+            context = spatial_step(x)[:, -1:]  # (B, 1, E): only the new tokens run
             need_depth = not known.step_all[t] or logits_out is not None
             codewords = []
             if need_depth:
@@ -587,7 +640,7 @@ class RQTransformerForImageGeneration(RQTransformerPreTrainedModel, GenerationMi
                          progress_bar):
         """Reference path without caches: both transformers re-run the whole prefix at every step."""
         N, T, D = codes.shape
-        start = (self.class_embedding(rows) + self.class_position_embedding[0])[:, None]
+        start = self._start_embeddings(rows)
         positions = range(T) if progress_bar is None else progress_bar(range(T))
         for t in positions:
             prefix = codes[:, :t]

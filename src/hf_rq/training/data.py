@@ -38,6 +38,9 @@ def add_data_arguments(parser) -> None:
     g.add_argument("--image_column", type=str, default=None, help="Image column (default: the first Image feature).")
     g.add_argument("--label_column", type=str, default=None,
                    help="Class-label column (default: 'label' when present). Its class names become the model's id2label.")
+    g.add_argument("--caption_column", type=str, default=None,
+                   help="Caption column (text-to-image priors): an imagefolder's metadata.csv / metadata.jsonl column or "
+                        "a Hub dataset's text column. Class labels are then not used.")
     g.add_argument("--unconditional", action="store_true", help="Ignore class labels (priors: train an unconditional model).")
     g.add_argument("--cache_dir", type=str, default=None, help="Where `datasets` keeps downloaded data.")
     g.add_argument("--max_train_samples", type=int, default=None, help="Truncate the training set (debugging, quick runs).")
@@ -131,6 +134,8 @@ class ImageData:
     validation: ImageDataset | None
     id2label: dict[int, str] | None
     source: str  # dataset id or folder, for the model card
+    train_captions: list[str] | None = None  # row i of the train split (the code cache's ``index``)
+    validation_captions: list[str] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -205,7 +210,13 @@ def load_image_data(args, seed: int | None = None, need_labels: bool = False) ->
     image_column = _pick_image_column(train.features, args.image_column, train_split)
 
     label_column = None
-    if not getattr(args, "unconditional", False):
+    caption_column = getattr(args, "caption_column", None)
+    if caption_column is not None and caption_column not in train.features:
+        raise DataConfigError(
+            f"--caption_column {caption_column!r} is not a column of split {train_split!r}; columns: "
+            f"{list(train.features)} (an imagefolder needs a metadata.csv / metadata.jsonl with file_name and this column)"
+        )
+    if not getattr(args, "unconditional", False) and caption_column is None:
         if args.label_column is not None:
             if args.label_column not in train.features:
                 raise DataConfigError(
@@ -237,7 +248,23 @@ def load_image_data(args, seed: int | None = None, need_labels: bool = False) ->
         val = raw[val_split]
         val_label = label_column if label_column in val.features else None
         val_ds = ImageDataset(val, image_column, val_label, eval_tf, label_to_id, seed=seed)
-    return ImageData(train_ds, val_ds, id2label, source)
+    captions = val_captions = None
+    if caption_column is not None:
+        captions = _captions(train, caption_column, train_split)
+        if val_ds is not None:
+            if caption_column not in val_ds.dataset.features:
+                raise DataConfigError(f"--caption_column {caption_column!r} is not a column of split {val_split!r}")
+            val_captions = _captions(val_ds.dataset, caption_column, val_split)
+    return ImageData(train_ds, val_ds, id2label, source, captions, val_captions)
+
+
+def _captions(dataset, column: str, split: str) -> list[str]:
+    values = dataset[column]
+    bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
+    if bad is not None:
+        raise DataConfigError(f"caption column {column!r} of split {split!r} holds {values[bad]!r} (row {bad}), "
+                              "not a string")
+    return list(values)
 
 
 def check_resolution(resolution: int, factor: int, model_name: str = "the tokenizer") -> None:

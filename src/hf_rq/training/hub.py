@@ -85,7 +85,8 @@ def make_model_card(folder, *, repo_id: str, kind: str, model_class: str, script
     data = ModelCardData(
         library_name="hf_rq",
         license="apache-2.0",
-        pipeline_tag="unconditional-image-generation" if kind == "pipeline" else None,
+        pipeline_tag=(("text-to-image" if getattr(args, "caption_column", None) else "unconditional-image-generation")
+                      if kind == "pipeline" else None),
         tags=["hf_rq", kind, *(tags or [])],
         datasets=[hub_dataset] if hub_dataset else None,
         base_model=base,
@@ -97,7 +98,9 @@ def make_model_card(folder, *, repo_id: str, kind: str, model_class: str, script
     if kind == "tokenizer":
         what = "image tokenizer (images to discrete codes and back)"
     else:
-        what = f"generation pipeline ({f'class-conditional, {len(id2label)} classes' if id2label else 'unconditional'})"
+        condition = (f"text-conditional, captions from column {args.caption_column!r}" if getattr(args, "caption_column", None)
+                     else f"class-conditional, {len(id2label)} classes" if id2label else "unconditional")
+        what = f"generation pipeline ({condition})"
     summary = f"A `{model_class}` {what} trained with hf_rq."
     card = ModelCard.from_template(
         data,

@@ -57,6 +57,7 @@ class PriorSpec:
     prior_component = "transformer"
     store_latents = False
     needs_labels = False
+    supports_text = False  # a text-conditional prior (--caption_column)
 
     # ------------------------------------------------------------------ classes
     def classes(self):
@@ -112,14 +113,17 @@ class PriorSpec:
     def validation_loss(self, prior, batch: dict) -> torch.Tensor:
         raise NotImplementedError
 
-    def make_pipeline(self, tokenizer, prior):
+    def make_pipeline(self, tokenizer, prior, text_tokenizer=None):
         pipe_cls = self.classes()[3]
-        return pipe_cls(**{self.tokenizer_component: tokenizer, self.prior_component: prior})
+        text = {} if text_tokenizer is None else {"tokenizer": text_tokenizer}
+        return pipe_cls(**{self.tokenizer_component: tokenizer, self.prior_component: prior}, **text)
 
-    def sample(self, pipeline, class_labels, num_images: int, generator, guidance_scale=None) -> list:
-        """PIL images: one per entry of ``class_labels``, or ``num_images`` unconditional ones."""
+    def sample(self, pipeline, class_labels, num_images: int, generator, guidance_scale=None, prompts=None) -> list:
+        """PIL images: one per entry of ``class_labels`` (or of ``prompts``), or ``num_images`` unconditional ones."""
         pipeline.set_progress_bar_config(disable=True)
         kwargs = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+        if prompts is not None:
+            return pipeline(prompt=prompts, generator=generator, **kwargs).images
         if class_labels is None:
             return pipeline(num_images_per_prompt=num_images, generator=generator, **kwargs).images
         return pipeline(class_labels=class_labels, generator=generator, **kwargs).images
@@ -134,26 +138,47 @@ class RQPriorSpec(PriorSpec):
     prior_module, prior_class, config_class = "hf_rq.rq.prior", "RQTransformerForImageGeneration", "RQTransformerConfig"
     pipeline_module, pipeline_class = "hf_rq.rq.pipeline", "RQTransformerPipeline"
     store_latents = True  # soft labels and stochastic codes are drawn from the latent at every step
+    supports_text = True
 
-    def build_prior(self, tokenizer, config, num_classes, args):
+    def build_prior(self, tokenizer, config, num_classes, args, text_tokenizer=None):
         _, prior_cls, config_cls, _ = self.classes()
         tc = tokenizer.config
         h, w = self.grid(tokenizer, args.resolution)
         derived = dict(codebook_size=tc.codebook_size, code_depth=tc.code_depth, code_embed_dim=tc.embed_dim,
                        shared_codebook=tc.shared_codebook, grid_height=h, grid_width=w, num_classes=num_classes)
+        if text_tokenizer is not None:  # the text prefix's size comes from the text tokenizer and --text_length
+            derived.update(text_length=text_tokenizer.model_max_length, text_vocab_size=len(text_tokenizer),
+                           text_pad_token_id=text_tokenizer.pad_token_id, use_null_text=args.text_dropout_prob > 0,
+                           text_dropout_prob=args.text_dropout_prob)
+            config = {k: v for k, v in config.items() if k != "text_length"}  # read by load_text_tokenizer
         _check_overrides(config, derived)
         dropout = args.class_dropout_prob if num_classes else 0.0
         use_null = num_classes > 0 and (dropout > 0 or config.get("use_null_class", False))
         cfg = config_cls(**{**config, **derived, "use_null_class": use_null, "class_dropout_prob": dropout})
         return prior_cls.from_tokenizer(cfg, tokenizer)
 
-    def check_prior(self, prior, tokenizer, num_classes, args):
+    def check_prior(self, prior, tokenizer, num_classes, args, text_tokenizer=None):
         c = prior.config
         try:
             prior.check_codebook(tokenizer)
         except ValueError as exc:
             raise PriorConfigError(f"the prior's vocabulary does not match the tokenizer: {exc}") from exc
         _check_grid((c.grid_height, c.grid_width), self.grid(tokenizer, args.resolution), args.resolution)
+        if (text_tokenizer is not None) != c.is_text_conditional:
+            raise PriorConfigError("the pretrained prior is " + ("text-conditional: pass --caption_column"
+                                   if c.is_text_conditional else "not text-conditional: drop --caption_column"))
+        if text_tokenizer is not None:
+            if len(text_tokenizer) != c.text_vocab_size or text_tokenizer.pad_token_id != c.text_pad_token_id:
+                raise PriorConfigError(f"the text tokenizer ({len(text_tokenizer)} tokens, pad id "
+                                       f"{text_tokenizer.pad_token_id}) does not fit the prior ({c.text_vocab_size} "
+                                       f"tokens, pad id {c.text_pad_token_id})")
+            text_tokenizer.model_max_length = c.text_length
+            if args.text_dropout_prob > 0 and not c.use_null_text:
+                if c.text_pad_token_id is None:
+                    raise PriorConfigError("caption dropout needs the prior's text_pad_token_id (the null text)")
+                c.use_null_text = True  # fine-tuning with caption dropout teaches the null text from here on
+            c.text_dropout_prob = args.text_dropout_prob if c.use_null_text else 0.0
+            return
         _check_classes(c.num_classes, num_classes)
 
     def training_loss(self, prior, tokenizer, batch, args, generator):
@@ -167,13 +192,17 @@ class RQPriorSpec(PriorSpec):
                 soft = None
         else:
             soft, codes = None, batch["codes"].long()
-        out = prior(codes=codes, class_labels=labels, labels=None if soft is not None else codes, soft_labels=soft)
-        return out.loss, {f"loss_depth_{d}": v for d, v in enumerate(out.loss_per_depth)}
+        out = prior(codes=codes, class_labels=labels, labels=None if soft is not None else codes, soft_labels=soft,
+                    text_ids=batch.get("text_ids"))
+        logs = {f"loss_depth_{d}": v for d, v in enumerate(out.loss_per_depth)}
+        if out.text_loss is not None:
+            logs["text_loss"] = out.text_loss
+        return out.loss, logs
 
     @torch.no_grad()
     def validation_loss(self, prior, batch):
         codes = batch["codes"].long()
-        return prior(codes=codes, class_labels=batch.get("class_labels"), labels=codes).loss
+        return prior(codes=codes, class_labels=batch.get("class_labels"), labels=codes, text_ids=batch.get("text_ids")).loss
 
 
 # ------------------------------------------------------------------------------------------------ LlamaGen
@@ -326,8 +355,8 @@ class DQPriorSpec(PriorSpec):
         return prior(codes=batch["codes"].long(), granularity=batch["granularity"].long(),
                      class_labels=batch.get("class_labels")).loss
 
-    def sample(self, pipeline, class_labels, num_images, generator, guidance_scale=None):
-        return super().sample(pipeline, class_labels, num_images, generator, None)  # no CFG in DQ
+    def sample(self, pipeline, class_labels, num_images, generator, guidance_scale=None, prompts=None):
+        return super().sample(pipeline, class_labels, num_images, generator, None, prompts)  # no CFG in DQ
 
 
 PRIORS = {"rq": RQPriorSpec(), "llamagen": LlamaGenPriorSpec(), "ctf": CTFPriorSpec(), "dq": DQPriorSpec()}

@@ -194,7 +194,9 @@ def run_rq(args) -> dict:
         if args.classifier != "none" else None
 
     runs = []
-    plan = [(spec, seed) for spec in args.configs for seed in range(args.seeds)]
+    # Seed-major, and the outputs are rewritten after every run: a benchmark stopped early still has every
+    # configuration at its first seeds.
+    plan = [(spec, seed) for seed in range(args.seeds) for spec in args.configs]
     start = time.time()
     for i, ((depth, size), seed) in enumerate(plan):
         name = f"{depth}x{size}"
@@ -217,9 +219,9 @@ def run_rq(args) -> dict:
             metrics = ev.evaluate_reconstruction(model, test, batch_size=args.eval_batch_size, extractor=extractor,
                                                  device=device)
         grid = list(codes.shape[1:3])
+        bits = grid[0] * grid[1] * depth * math.log2(size)
         run = {"config": name, "depth": depth, "codebook_size": size, "seed": seed, "grid": grid,
-               "bits_per_image": int(grid[0] * grid[1] * depth * math.log2(size)) if size & (size - 1) == 0
-               else grid[0] * grid[1] * depth * math.log2(size),
+               "bits_per_image": int(bits) if bits.is_integer() else round(bits, 1),
                "parameters": sum(p.numel() for p in model.parameters()), "train_seconds": round(train_seconds, 1),
                "test_images": len(test.images), "train_argv": argv,
                "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
@@ -227,20 +229,27 @@ def run_rq(args) -> dict:
         runs.append(run)
         print(f"    PSNR {metrics['psnr']:.2f}  SSIM {metrics['ssim']:.4f}  rFID {metrics.get('rfid', float('nan')):.2f}"
               f"  ({train_seconds:.0f} s training)", flush=True)
+        write_rq_outputs(args, arch, runs, out_root, len(test.images), final=False)
+    return write_rq_outputs(args, arch, runs, out_root, len(test.images), final=True)
 
+
+def write_rq_outputs(args, arch: dict, runs: list[dict], out_root: Path, num_test: int, final: bool) -> dict:
+    runs = sorted(runs, key=lambda r: ([f"{d}x{k}" for d, k in args.configs].index(r["config"]), r["seed"]))
     rows = summarize(runs)
     table = format_table(rows)
     mode = "quick" if args.quick else "full"
     title = (f"RQ-VAE rate vs distortion ({mode}: {args.steps} steps, batch {args.batch_size}, "
-             f"{args.seeds} seed(s), {len(test.images)} test images)")
-    print("\n" + title + "\n" + table)
+             f"{args.seeds} seed(s), {num_test} test images)")
+    if final:
+        print("\n" + title + "\n" + table)
     result = {"claim": "rq", "mode": mode, "data": str(args.data), "split": args.split, "steps": args.steps,
               "batch_size": args.batch_size, "seeds": args.seeds, "architecture": arch,
               "feature_space": args.classifier, "summary": rows, "runs": runs}
     (out_root / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_rate_distortion(rows, out_root / "rate_distortion.png", title)
     (out_root / "table.txt").write_text(title + "\n" + table + "\n")
-    print(f"\nwrote {out_root / 'results.json'}, {out_root / 'table.txt'}, {out_root / 'rate_distortion.png'}")
+    if final:
+        print(f"\nwrote {out_root / 'results.json'}, {out_root / 'table.txt'}, {out_root / 'rate_distortion.png'}")
     return result
 
 

@@ -1,0 +1,1 @@
+"""One module per seed paper's claim, run by ``benchmarks/reproduce_claims.py <claim>``; shared helpers in ``common``."""

@@ -244,6 +244,17 @@ def test_generator_errors_say_what_is_expected():
             pipe.transformer.generate([1, 2], generator=[torch.Generator(), 7])
 
 
+def test_misspelled_sampling_keyword_is_refused_by_name_in_every_family():
+    """One rule (hf_rq.sampling_args.prepare_generation_config): an unknown keyword is a TypeError naming it, not
+    silently ignored, and the stored generation config is left untouched."""
+    for family in FAMILIES:
+        prior = PIPELINES[family]().transformer
+        before = prior.generation_config.to_dict()
+        with no_model_code(), pytest.raises(TypeError, match=r"generate\(\) got unexpected keyword arguments: \['top_kk'\]"):
+            prior.generate([1, 2], top_kk=5)
+        assert prior.generation_config.to_dict() == before
+
+
 def test_one_guidance_rule_for_every_family():
     """guidance_scale: 1 (and None) = off everywhere; below 1 refused everywhere with the same message."""
     for family in FAMILIES:

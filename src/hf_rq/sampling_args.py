@@ -30,6 +30,7 @@ argument. Class labels, ``batch_size`` and ``num_images_per_prompt`` are checked
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from typing import Any, Callable
@@ -164,6 +165,30 @@ def check_sampling_value(name: str, value, depth: int | None = None):
     if depth is not None and name in PER_DEPTH_ARGUMENTS:
         return per_depth(value, depth, name, rule)
     return rule(value, name)
+
+
+def prepare_generation_config(model, generation_config, kwargs: dict, allowed=None, defaults=None):
+    """The ``GenerationConfig`` one ``generate()`` call uses: a copy of ``generation_config`` (else the model's own),
+    with ``defaults`` filled where the stored config predates a field, then ``kwargs`` on top.
+
+    A keyword that is not a sampling argument raises a TypeError naming it, rather than being silently ignored:
+    with ``allowed`` (the accepted names), anything outside it; without, anything ``GenerationConfig.update``
+    does not know.
+    """
+    config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
+    for key, value in (defaults or {}).items():
+        if not hasattr(config, key):
+            setattr(config, key, value)
+    if allowed is not None:
+        unknown = sorted(set(kwargs) - set(allowed))
+        for key in set(kwargs) - set(unknown):
+            setattr(config, key, kwargs[key])
+    else:
+        unknown = sorted(config.update(**kwargs))
+    if unknown:
+        accepted = f"; accepted sampling arguments: {sorted(allowed)}" if allowed is not None else ""
+        raise TypeError(f"{type(model).__name__}.generate() got unexpected keyword arguments: {unknown}{accepted}")
+    return config
 
 
 def validate_generation_config(config, names, depth: int | None = None) -> dict[str, Any]:

@@ -12,7 +12,6 @@ pipelines record the module path ``hf_rq.ctf.prior``.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +28,7 @@ from ..hub import BundledModelsMixin
 from ..kv_cache import StaticKVCache, compile_decoding_step, stack_attention_mask
 from ..llama_blocks import LlamaGenBlock, LlamaRMSNorm, llamagen_ffn_hidden_size, precompute_2d_rotary
 from ..sampling import sample_tokens, top_k_logits, uniform_rows
-from ..sampling_args import check_compile, check_generator, validate_generation_config
+from ..sampling_args import check_compile, check_generator, prepare_generation_config, validate_generation_config
 
 __all__ = [
     "LlamaGenConfig",
@@ -208,17 +207,6 @@ def sample_by_inverse_cdf(probs: torch.Tensor, generator=None) -> torch.LongTens
 def _cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
     # LlamaGen's formula, with its operation order (bit-level parity of the seeded draws depends on it).
     return uncond + (cond - uncond) * scale
-
-
-def _prepare_generation_config(model, generation_config, kwargs: dict, allowed: tuple) -> GenerationConfig:
-    unknown = sorted(set(kwargs) - set(allowed))
-    if unknown:
-        raise TypeError(f"{type(model).__name__}.generate() got unexpected keyword argument(s) {unknown}; "
-                        f"accepted sampling arguments: {sorted(allowed)}")
-    config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
-    for key, value in kwargs.items():
-        setattr(config, key, value)
-    return config
 
 
 def _class_label_tensor(class_labels, batch_size, num_classes: int, null_class_id, device) -> torch.LongTensor:
@@ -538,7 +526,7 @@ class LlamaGenForImageGeneration(LlamaGenPreTrainedModel, GenerationMixin):
         Returns codes `(B, grid, grid)` int64, or a :class:`LlamaGenGenerationOutput`.
         """
         compile_step = check_compile(kwargs.pop("compile", False))
-        gc = _prepare_generation_config(self, generation_config, kwargs, self._GENERATE_ARGS)
+        gc = prepare_generation_config(self, generation_config, kwargs, allowed=self._GENERATE_ARGS)
         a = validate_generation_config(gc, self._GENERATE_ARGS)  # the contract of every family (hf_rq.sampling_args)
         labels = _class_label_tensor(class_labels, batch_size, self.config.num_classes, self.config.null_class_id,
                                      self.device)

@@ -35,7 +35,7 @@ from transformers.modeling_outputs import MaskedLMOutput
 from transformers.utils import ModelOutput
 
 from ..editing import check_known_tokens
-from ..sampling_args import check_compile, check_generator, validate_generation_config
+from ..sampling_args import check_compile, check_generator, prepare_generation_config, validate_generation_config
 
 # LlamaGen's GPT moved to .llamagen; these names stay importable from here because saved pipeline folders
 # (model_index.json) and older scripts record ``hf_rq.ctf.prior``.
@@ -49,7 +49,6 @@ from .llamagen import (  # noqa: F401
     _cfg_combine,
     _check_tokens,
     _class_label_tensor,
-    _prepare_generation_config,
     llamagen_logits_to_probs,
     llamagen_top_p_logits,
     sample_by_inverse_cdf,
@@ -505,7 +504,7 @@ class CTFForImageGeneration(CTFPreTrainedModel, GenerationMixin):
         Returns fine codes `(B, grid, grid)` int64, or a :class:`CTFGenerationOutput` with the coarse-label map.
         """
         compile_step = check_compile(kwargs.pop("compile", False))
-        gc = _prepare_generation_config(self, generation_config, kwargs, self._GENERATE_ARGS)
+        gc = prepare_generation_config(self, generation_config, kwargs, allowed=self._GENERATE_ARGS)
         a = validate_generation_config(gc, self._GENERATE_ARGS)  # the contract of every family (hf_rq.sampling_args)
         self._require_coarse_labels()
         labels = _class_label_tensor(class_labels, batch_size, self.config.num_classes, self.config.null_class_id,

@@ -21,7 +21,7 @@ from transformers.utils import ModelOutput
 from ..kv_cache import StaticKVCache
 from ..pipeline_utils import resolve_generation_labels
 from ..sampling import sample_tokens, top_k_logits
-from ..sampling_args import check_generator, validate_generation_config
+from ..sampling_args import check_generator, prepare_generation_config, validate_generation_config
 from .editing import DQKnownTokens
 from .text_conditioning import check_text_features
 from .tokens import DQTokens, tokens_to_codes, upsample_granularity
@@ -171,13 +171,7 @@ class DQGenerationMixin:
             ``(codes (B, hf, hf), granularity (B, hc, hc))``, or :class:`DQTransformerGenerateOutput` with
             ``return_dict_in_generate=True``.
         """
-        gc = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
-        for key, value in DQ_GENERATION_DEFAULTS.items():
-            if not hasattr(gc, key):
-                setattr(gc, key, value)
-        unused = gc.update(**kwargs)
-        if unused:
-            raise TypeError(f"generate() got unexpected keyword arguments: {sorted(unused)}")
+        gc = prepare_generation_config(self, generation_config, kwargs, defaults=DQ_GENERATION_DEFAULTS)
         args = validate_generation_config(gc, ("do_sample", "temperature", "top_k", "top_p", "position_top_k",
                                                "position_top_p", "guidance_scale", "fix_fine_position", "use_cache",
                                                "output_scores", "return_dict_in_generate"))

@@ -10,7 +10,6 @@ authors' ``partial_sample`` and editing) and the ``compile`` switch. It lives ap
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,7 +21,7 @@ from ..editing import KnownTokens, check_known_tokens
 from ..kv_cache import StaticKVCache, compile_decoding_step
 from ..pipeline_utils import resolve_generation_labels
 from ..sampling import multinomial_rows, top_k_logits, uniform_rows
-from ..sampling_args import check_compile, check_generator, validate_generation_config
+from ..sampling_args import check_compile, check_generator, prepare_generation_config, validate_generation_config
 from ..transformer_blocks import fused_qkv_projections
 
 __all__ = ["RQGenerationMixin", "RQTransformerGenerateOutput", "draw_rq_code"]
@@ -124,10 +123,7 @@ class RQGenerationMixin:
             ``return_dict_in_generate=True``.
         """
         compile_step = check_compile(kwargs.pop("compile", False))
-        gc = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
-        unused = gc.update(**kwargs)
-        if unused:
-            raise TypeError(f"generate() got unexpected keyword arguments: {sorted(unused)}")
+        gc = prepare_generation_config(self, generation_config, kwargs)
         c = self.config
         D, T, K = c.code_depth, c.num_positions, c.codebook_size
         # One contract for every family (hf_rq.sampling_args); do_sample unset (None) samples.

@@ -13,7 +13,7 @@ ranking is what counts); without it, the full mode is sized for a GPU.
 
     python benchmarks/reproduce_claims.py rq --quick              # ~15 min on a 2-core CPU
     python benchmarks/reproduce_claims.py rq --device cuda        # full: a wider model, 3000 steps per run
-    python benchmarks/reproduce_claims.py dq --quick              # ~15 min on a 2-core CPU
+    python benchmarks/reproduce_claims.py dq --quick              # 37 min on a 2-core CPU shared with other jobs
 
 Outputs in ``--output_dir`` (default ``runs/claims/<claim>``): ``results.json`` (every run and the
 per-configuration mean/std), ``table.txt``, a PNG plot, and one trained model per run (reused when the same run

@@ -39,8 +39,8 @@ from .common import (add_common_arguments, cached_run, check_common_arguments, f
                      metric_cell, plot_points, resolve_device, summarize)
 
 # Strides 16 (coarse) and 8 (fine) as the paper's F16/F8 model, so a 64x64 image has a 4x4 coarse and an 8x8
-# fine grid (16 and 64 tokens). Full: training/configs/dqvae_emoji64.json; quick: half its width, so that
-# 8 configurations x 3 seeds fit in ~15 CPU minutes.
+# fine grid (16 and 64 tokens). Full: training/configs/dqvae_emoji64.json; quick: half its width (8
+# configurations x 3 seeds of 150 steps took 37 min on a 2-core CPU shared with other jobs).
 DQ_FULL_ARCH = {"block_out_channels": [32, 32, 64, 64, 128], "layers_per_block": 1, "attn_resolutions": [],
                 "decoder_block_out_channels": [32, 32, 64, 64], "decoder_layers_per_block": 1,
                 "decoder_attn_resolutions": [], "latent_channels": 64, "embed_dim": 64, "codebook_size": 512,
@@ -251,7 +251,7 @@ def write_outputs(args, arch: dict, runs: list[dict], out_root: Path, num_test: 
         series.setdefault(r["router"], []).append(i)
     plot_points(points, out_root / "psnr_vs_tokens.png",
                 title.replace("DQ-VAE dynamic vs fixed granularity", "DQ-VAE PSNR vs tokens (E = entropy, F = feature)"),
-                "tokens per image (measured, log scale)", "PSNR (dB)", series=series)
+                "tokens per image (log); line coarse-fine: fixed-grain reference", "PSNR (dB)", series=series)
     (out_root / "table.txt").write_text(title + "\n" + text + "\n")
     if final:
         print(f"\nwrote {out_root / 'results.json'}, {out_root / 'table.txt'}, {out_root / 'psnr_vs_tokens.png'}")
@@ -266,7 +266,8 @@ def add_parser(sub) -> None:
     p.add_argument("--ratios", type=parse_ratios, default=None,
                    help=f"fine ratios of the dynamic models (default: {DEFAULT_RATIOS})")
     p.add_argument("--quick", action="store_true",
-                   help="narrow model, 150 steps of 16 (about 15 min for 8 configurations x 3 seeds on a 2-core CPU)")
+                   help="narrow model, 150 steps of 16 (8 configurations x 3 seeds: 37 min measured on a 2-core CPU "
+                        "shared with other jobs, less on free cores)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: 150 quick, 3000 full)")
     p.add_argument("--batch_size", type=int, default=None, help="training batch (default: 16 quick, 32 full)")
     p.add_argument("--learning_rate", type=float, default=4e-4)

@@ -17,8 +17,9 @@ A fixed grid *at* the DQ budget cannot be built: from a square image, power-of-t
 of 16, 64, 256 ... tokens, and a DQ budget ``hc^2 (1 + 3 r)`` lies strictly between the coarse and the fine
 grid. The fixed-grain reference at a DQ budget is therefore the straight line between the two trained
 fixed-grain models on a log-token axis (PSNR is close to linear in the log of the rate); the table reports
-dPSNR, dSSIM and drFID = dynamic - that reference. It is an interpolation, not a trained model; on a concave rate-distortion curve it is a lower bound, so a
-small positive gap is weaker evidence than a large one.
+dPSNR, dSSIM and drFID = dynamic - that reference. It is an interpolation, not a trained model; below a
+curve that is concave in log tokens it is a lower bound, so a small positive gap is weaker evidence than a
+large one.
 
 The budget actually used is measured from each model's codes on the test images: the number of tokens of the
 token form (one per coarse region, four per fine region), averaged over the images. Every run is trained by
@@ -207,7 +208,8 @@ def run(args) -> dict:
         metrics.update(tokens_per_image=budget["tokens_per_image"], fine_share=budget["fine_share"])
         result = {"config": name, "router": config["router"], "fine_ratio": config["fine_ratio"], "seed": seed,
                   "coarse_grid": model.coarse_grid_size, "fine_grid": model.fine_grid_size,
-                  "entropy_threshold": model.config.entropy_threshold if model.config.router_type == "entropy" else None,
+                  "entropy_threshold": (model.config.entropy_threshold
+                                        if model.config.router_type == "entropy" else None),
                   "tokens_min": budget["tokens_min"], "tokens_max": budget["tokens_max"],
                   "parameters": sum(p.numel() for p in model.parameters()), "train_seconds": round(train_seconds, 1),
                   "test_images": len(test.images), "train_argv": argv, "metrics": metrics}
@@ -249,8 +251,9 @@ def write_outputs(args, arch: dict, runs: list[dict], out_root: Path, num_test: 
     series = {}
     for i, r in enumerate(rows):
         series.setdefault(r["router"], []).append(i)
-    plot_points(points, out_root / "psnr_vs_tokens.png",
-                title.replace("DQ-VAE dynamic vs fixed granularity", "DQ-VAE PSNR vs tokens (E = entropy, F = feature)"),
+    plot_title = title.replace("DQ-VAE dynamic vs fixed granularity",
+                               "DQ-VAE PSNR vs tokens (E = entropy, F = feature)")
+    plot_points(points, out_root / "psnr_vs_tokens.png", plot_title,
                 "tokens per image (log); line coarse-fine: fixed-grain reference", "PSNR (dB)", series=series)
     (out_root / "table.txt").write_text(title + "\n" + text + "\n")
     if final:
@@ -272,7 +275,8 @@ def add_parser(sub) -> None:
     p.add_argument("--batch_size", type=int, default=None, help="training batch (default: 16 quick, 32 full)")
     p.add_argument("--learning_rate", type=float, default=4e-4)
     p.add_argument("--model_config", default=None,
-                   help="architecture overrides (JSON file or inline JSON); the router settings come from the configuration")
+                   help="architecture overrides (JSON file or inline JSON); the router settings come from each "
+                        "configuration")
 
 
 def main(parser, args) -> dict:

@@ -73,3 +73,61 @@ def test_rq_claim_bad_arguments(claims, bad, message, capsys):
     with pytest.raises(SystemExit):
         claims.main(["rq", *bad])
     assert message in capsys.readouterr().err
+
+
+DQ_TINY_ARCH = {"block_out_channels": [8, 8, 16, 16], "layers_per_block": 1, "attn_resolutions": [],
+                "decoder_block_out_channels": [8, 8, 16], "latent_channels": 8, "embed_dim": 8, "codebook_size": 16,
+                "norm_num_groups": 4, "router_norm_num_groups": 4}
+
+
+def test_dq_claim_measures_budgets_and_writes_table_json_and_plot(claims, emoji_splits, tmp_path, capsys):
+    out = tmp_path / "dq"
+    argv = ["dq", "--data", str(emoji_splits), "--ratios", "0.5", "--seeds", "1", "--steps", "1", "--batch_size", "2",
+            "--model_config", json.dumps(DQ_TINY_ARCH), "--device", "cpu", "--output_dir", str(out)]
+    result = claims.main(argv)
+    printed = capsys.readouterr().out
+
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["summary"] == json.loads(json.dumps(result["summary"]))
+    runs = {r["config"]: r for r in saved["runs"]}
+    assert list(runs) == ["coarse-only", "fine-only", "entropy-0.5", "feature-0.5"]
+    # 64x64 at strides 8 / 4: an 8x8 coarse and a 16x16 fine grid. The fixed-grain models must spend exactly
+    # one grid's tokens on every image, and every budget must be one token per coarse and four per fine region.
+    coarse, fine = runs["coarse-only"], runs["fine-only"]
+    assert (coarse["coarse_grid"], coarse["fine_grid"]) == (8, 16)
+    assert coarse["tokens_min"] == coarse["tokens_max"] == 64 and coarse["metrics"]["fine_share"] == 0
+    assert fine["tokens_min"] == fine["tokens_max"] == 256 and fine["metrics"]["fine_share"] == 1
+    for run in saved["runs"]:
+        assert run["metrics"]["tokens_per_image"] == pytest.approx(64 * (1 + 3 * run["metrics"]["fine_share"]))
+        assert run["test_images"] == 18 and all(math.isfinite(run["metrics"][k]) for k in ("psnr", "ssim", "rfid"))
+    # The entropy router's threshold was chosen on the training images (a real patch entropy, in [0, ln 32]).
+    assert 0 <= runs["entropy-0.5"]["entropy_threshold"] <= math.log(32)
+    assert coarse["parameters"] == fine["parameters"] == runs["entropy-0.5"]["parameters"]
+    assert runs["feature-0.5"]["parameters"] > coarse["parameters"]  # the router MLP
+
+    rows = {r["config"]: r for r in saved["summary"]}
+    lo, hi = rows["coarse-only"]["psnr_mean"], rows["fine-only"]["psnr_mean"]
+    table = (out / "table.txt").read_text()
+    for name in ("entropy-0.5", "feature-0.5"):
+        row = rows[name]
+        share = math.log(row["tokens_per_image_mean"] / 64) / math.log(4)
+        assert row["psnr_vs_fixed"] == pytest.approx(row["psnr_mean"] - (lo + share * (hi - lo)))
+        line = next(l for l in table.splitlines() if l.startswith(name + " "))
+        assert f"{row['psnr_mean']:.2f} +- 0.00" in line and f"{row['psnr_vs_fixed']:+.2f}" in line
+        assert f"{row['tokens_per_image_mean']:.1f} +- 0.0" in line
+    assert "psnr_vs_fixed" not in rows["coarse-only"]
+    assert table.splitlines()[-1] in printed
+    with Image.open(out / "psnr_vs_tokens.png") as image:
+        assert image.size == (720, 480) and len(image.getcolors(1 << 16)) > 2
+
+    claims.main(argv)
+    assert capsys.readouterr().out.count("reused") == 4
+
+
+@pytest.mark.parametrize("bad, message", [(["--ratios", "0.5,1"], "strictly between 0 and 1"),
+                                          (["--ratios", "half"], "comma-separated list"),
+                                          (["--routers", "entropy,random"], "--routers takes")])
+def test_dq_claim_bad_arguments(claims, bad, message, capsys):
+    with pytest.raises(SystemExit):
+        claims.main(["dq", *bad])
+    assert message in capsys.readouterr().err

@@ -102,7 +102,8 @@ def test_ctf_claim_writes_table_json_and_plot(claims, emoji_splits, tmp_path, ca
     tokenizer_dir = saved["tokenizer"]["path"]
     assert all(r["train_argv"][r["train_argv"].index("--tokenizer_name_or_path") + 1] == tokenizer_dir
                for r in saved["runs"])
-    assert 0 < saved["tokenizer"]["metrics"]["codebook_usage"] <= 1
+    tm = saved["tokenizer"]["metrics"]
+    assert 0 < tm["codebook_usage"] <= 1 and math.isfinite(tm["recon_fid"]) and 0 <= tm["recon_class_consistency"] <= 1
     by_config = {r["config"]: r for r in saved["summary"]}
     gpt, ctf4, ctf8 = by_config["gpt"], by_config["ctf-4"], by_config["ctf-8"]
     assert gpt["aux_parameters"] == 0 and ctf4["aux_parameters"] > 0
@@ -124,6 +125,7 @@ def test_ctf_claim_writes_table_json_and_plot(claims, emoji_splits, tmp_path, ca
         assert f"{row['fid_mean']:.2f} +- {row['fid_std']:.2f}" in line
         assert f"{row['class_consistency_mean']:.3f} +- {row['class_consistency_std']:.3f}" in line
     assert table.splitlines()[-1] in printed
+    assert table.splitlines()[-1].startswith("(tokenizer recon.)") and f"{tm['recon_fid']:.2f}" in table
     with Image.open(out / "fid_vs_clusters.png") as image:
         assert image.size == (720, 480) and len(image.getcolors(1 << 16)) > 2
 

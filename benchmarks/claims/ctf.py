@@ -96,10 +96,9 @@ def prior_argv(args, tokenizer_dir: Path, clusters: int | None, seed: int, outpu
             *common_train_argv(args, args.steps, args.batch_size, args.learning_rate, seed, output_dir)]
 
 
-def train_tokenizer(args, out_root: Path, test, device) -> dict:
-    """The shared tokenizer: trained once, reused while its arguments are unchanged; + its reconstruction metrics."""
+def train_tokenizer(args, out_root: Path, test) -> dict:
+    """The shared tokenizer, trained once and reused while its arguments are unchanged."""
     from hf_rq.ctf.tokenizer import LlamaGenVQModel
-    from hf_rq.evaluation import evaluator as ev
     from hf_rq.training.code_cache import tokenizer_fingerprint
 
     tok_dir = out_root / "tokenizer"
@@ -111,17 +110,34 @@ def train_tokenizer(args, out_root: Path, test, device) -> dict:
     print(f"tokenizer: training LlamaGen VQ ({args.codebook_size} codes) for {args.tokenizer_steps} steps", flush=True)
     t0 = time.time()
     load_training_script("train_tokenizer").main(argv)
-    seconds = time.time() - t0
-    model = LlamaGenVQModel.from_pretrained(tok_dir).to(device)
-    metrics = ev.evaluate_reconstruction(model, test, batch_size=args.eval_batch_size, extractor=None, device=device)
+    model = LlamaGenVQModel.from_pretrained(tok_dir)
     result = {"path": str(tok_dir), "train_argv": argv, "test_images": len(test.images),
-              "fingerprint": tokenizer_fingerprint(model), "train_seconds": round(seconds, 1),
-              "parameters": sum(p.numel() for p in model.parameters()),
-              "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+              "fingerprint": tokenizer_fingerprint(model), "train_seconds": round(time.time() - t0, 1),
+              "parameters": sum(p.numel() for p in model.parameters())}
     (tok_dir / "claim_result.json").write_text(json.dumps(result, indent=2) + "\n")
-    m = result["metrics"]
-    print(f"    PSNR {m['psnr']:.2f}  codebook usage {m['codebook_usage']:.3f}  ({seconds:.0f} s)", flush=True)
     return result
+
+
+def score_tokenizer(args, tokenizer: dict, test, class_ids, classifier, reference, device) -> dict:
+    """PSNR and codebook usage of the shared tokenizer, and the generation metrics of its reconstructions of the
+    evaluation split: what a perfect prior over its codes would score, the ceiling of every prior here."""
+    import torch
+
+    from hf_rq.ctf.tokenizer import LlamaGenVQModel
+    from hf_rq.evaluation import evaluator as ev
+
+    model = LlamaGenVQModel.from_pretrained(tokenizer["path"]).to(device).eval()
+    metrics = ev.evaluate_reconstruction(model, test, batch_size=args.eval_batch_size, extractor=None, device=device)
+    with torch.no_grad():
+        recon = torch.cat([(model(x.to(device).float() / 255 * 2 - 1).sample.float().cpu().clamp(-1, 1) + 1) / 2
+                           for x in test.images.split(args.eval_batch_size)])
+    metrics.update({f"recon_{k}": v for k, v in ev.evaluate_images(recon, class_ids, classifier=classifier,
+                                                                    reference=reference).items()})
+    tokenizer["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    m = tokenizer["metrics"]
+    print(f"    PSNR {m['psnr']:.2f}  codebook usage {m['codebook_usage']:.3f}  reconstructions: FID "
+          f"{m['recon_fid']:.2f}, class-consistency {m['recon_class_consistency']:.3f}", flush=True)
+    return tokenizer
 
 
 def config_name(clusters: int | None) -> str:
@@ -146,10 +162,12 @@ def run(args) -> dict:
     # The reference is the evaluation split itself (features and labels in the classifier's ids), so the
     # samples' class proportions follow it and --data / --max_test_images change both sides alike.
     to_clf = ev.map_classes_to_classifier(test.id2label, len(test.id2label), classifier.id2label)
-    reference = ev.reference_from_images(ev.ClassifierFeatureExtractor(classifier), test.images,
-                                         [to_clf[int(c)] for c in test.labels], batch_size=args.eval_batch_size,
+    class_ids = [to_clf[int(c)] for c in test.labels]
+    reference = ev.reference_from_images(ev.ClassifierFeatureExtractor(classifier), test.images, class_ids,
+                                         batch_size=args.eval_batch_size,
                                          description=f"{args.data} {args.split} split ({len(test.images)} images)")
-    tokenizer = train_tokenizer(args, out_root, test, device)
+    tokenizer = train_tokenizer(args, out_root, test)
+    tokenizer = score_tokenizer(args, tokenizer, test, class_ids, classifier, reference, device)
     train = load_training_script("train_prior")
     sampling = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
     evaluation = {"images_per_class": args.images_per_class, "sample_batch_size": args.sample_batch_size,
@@ -215,18 +233,21 @@ def add_speed_ratios(runs: list[dict]) -> None:
             r["metrics"]["speed_vs_gpt"] = r["metrics"]["images_per_second"] / gpt[r["seed"]]
 
 
-def table(rows: list[dict]) -> str:
-    header = ["config", "clusters", "AR params", "aux params", "seeds", "FID", "KID x1e3", "precision", "recall",
+def table(rows: list[dict], tokenizer_metrics: dict) -> str:
+    header = ["config", "clusters", "AR params", "aux params", "seeds", "FID", "KID", "precision", "recall",
               "class-cons.", "img/s", "speed vs GPT"]
     lines = []
     for r in rows:
-        kid = {k: r[k] * 1e3 for k in ("kid_mean_mean", "kid_mean_std") if k in r}
         lines.append([r["config"], str(r["num_clusters"] or "-"), f"{r['ar_parameters'] / 1e3:.0f}K",
                       f"{r['aux_parameters'] / 1e3:.0f}K" if r["aux_parameters"] else "-", str(len(r["seeds"])),
-                      metric_cell(r, "fid", "{:.2f}"), metric_cell(kid, "kid_mean", "{:.2f}"),
+                      metric_cell(r, "fid", "{:.2f}"), metric_cell(r, "kid_mean", "{:.3f}"),
                       metric_cell(r, "precision", "{:.3f}"), metric_cell(r, "recall", "{:.3f}"),
                       metric_cell(r, "class_consistency", "{:.3f}"), metric_cell(r, "images_per_second", "{:.1f}"),
                       metric_cell(r, "speed_vs_gpt", "{:.2f}")])
+    m = tokenizer_metrics  # the ceiling: the tokenizer's own reconstructions of the evaluation images
+    lines.append(["(tokenizer recon.)", "-", "-", "-", "-", f"{m['recon_fid']:.2f}", f"{m['recon_kid_mean']:.3f}",
+                  f"{m['recon_precision']:.3f}", f"{m['recon_recall']:.3f}", f"{m['recon_class_consistency']:.3f}",
+                  "-", "-"])
     return format_table(header, lines)
 
 
@@ -235,7 +256,7 @@ def write_outputs(args, tokenizer: dict, runs: list[dict], out_root: Path, num_t
     runs = sorted(runs, key=lambda r: (order.index(r["config"]), r["seed"]))
     add_speed_ratios(runs)
     rows = summarize(runs, ("config", "model", "num_clusters", "ar_parameters", "aux_parameters"), METRICS)
-    text = table(rows)
+    text = table(rows, tokenizer["metrics"])
     mode = "quick" if args.quick else "full"
     tm = tokenizer["metrics"]
     n_samples = runs[0]["metrics"].get("num_generated", "?") if runs else "?"

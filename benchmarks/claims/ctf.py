@@ -120,7 +120,7 @@ def train_tokenizer(args, out_root: Path, test) -> dict:
 
 def score_tokenizer(args, tokenizer: dict, test, class_ids, classifier, reference, device) -> dict:
     """PSNR and codebook usage of the shared tokenizer, and the generation metrics of its reconstructions of the
-    evaluation split: what a perfect prior over its codes would score, the ceiling of every prior here."""
+    evaluation split: about what a perfect prior over its codes would score, the reference for every prior."""
     import torch
 
     from hf_rq.ctf.tokenizer import LlamaGenVQModel
@@ -244,7 +244,7 @@ def table(rows: list[dict], tokenizer_metrics: dict) -> str:
                       metric_cell(r, "precision", "{:.3f}"), metric_cell(r, "recall", "{:.3f}"),
                       metric_cell(r, "class_consistency", "{:.3f}"), metric_cell(r, "images_per_second", "{:.1f}"),
                       metric_cell(r, "speed_vs_gpt", "{:.2f}")])
-    m = tokenizer_metrics  # the ceiling: the tokenizer's own reconstructions of the evaluation images
+    m = tokenizer_metrics  # the reference: the tokenizer's own reconstructions of the evaluation images
     lines.append(["(tokenizer recon.)", "-", "-", "-", "-", f"{m['recon_fid']:.2f}", f"{m['recon_kid_mean']:.3f}",
                   f"{m['recon_precision']:.3f}", f"{m['recon_recall']:.3f}", f"{m['recon_class_consistency']:.3f}",
                   "-", "-"])
@@ -275,9 +275,9 @@ def write_outputs(args, tokenizer: dict, runs: list[dict], out_root: Path, num_t
     # The GPT sits at K = V (every code its own cluster: direct prediction is the limit of the ablation).
     points = [((r["num_clusters"] or args.codebook_size), r.get("fid_mean", float("nan")),
                r.get("fid_std", float("nan")), f"CTF K={r['num_clusters']}" if r["num_clusters"]
-               else f"GPT (K=V={args.codebook_size})") for r in rows]
+               else "GPT, K=V") for r in rows]
     ctf_points = [i for i, r in enumerate(rows) if r["num_clusters"]]
-    plot_points(points, out_root / "fid_vs_clusters.png", title, "coarse labels K (log scale; GPT at K = V)",
+    plot_points(points, out_root / "fid_vs_clusters.png", title, f"coarse labels K (log scale; the GPT at K = V = {args.codebook_size})",
                 "FID (classifier features)", series={"ctf": ctf_points})
     (out_root / "table.txt").write_text(title + "\n" + tok_line + "\n" + text + "\n")
     if final:

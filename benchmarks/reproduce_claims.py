@@ -14,7 +14,7 @@ ranking is what counts); without it, the full mode is sized for a GPU.
 
     python benchmarks/reproduce_claims.py rq --quick              # ~15 min on a 2-core CPU
     python benchmarks/reproduce_claims.py rq --device cuda        # full: a wider model, 3000 steps per run
-    python benchmarks/reproduce_claims.py ctf --quick             # ~15 min on a 2-core CPU
+    python benchmarks/reproduce_claims.py ctf --quick             # ~20 min on a 2-core CPU (13 trainings)
     python benchmarks/reproduce_claims.py ctf --device cuda       # full: larger tokenizer and priors, 5000 steps
 
 Outputs in ``--output_dir`` (default ``runs/claims/<claim>``): ``results.json`` (every run and the

@@ -291,7 +291,7 @@ def add_parser(sub) -> None:
     add_common_arguments(p, "runs/claims/ctf")
     p.add_argument("--clusters", type=parse_clusters, default=None, help=f"CTF cluster counts (default: {CLUSTERS})")
     p.add_argument("--quick", action="store_true",
-                   help="narrow tokenizer and priors, few steps (about 15 min for 3 seeds on a 2-core CPU)")
+                   help="narrow tokenizer and priors, 400 steps (about 20 min for 3 seeds on 2 free CPU cores)")
     p.add_argument("--steps", type=int, default=None, help="prior training steps (default: 400 quick, 5000 full)")
     p.add_argument("--batch_size", type=int, default=None, help="prior training batch (default: 32 quick, 64 full)")
     p.add_argument("--learning_rate", type=float, default=None,

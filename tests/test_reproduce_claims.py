@@ -131,3 +131,82 @@ def test_dq_claim_bad_arguments(claims, bad, message, capsys):
     with pytest.raises(SystemExit):
         claims.main(["dq", *bad])
     assert message in capsys.readouterr().err
+
+
+# An 8x8 code grid at 64x64 (short sequences keep sampling fast), 64 codes clustered into 4 or 8 labels.
+TINY_VQ = {"block_out_channels": [8, 8, 8, 8], "layers_per_block": 1, "latent_channels": 8, "embed_dim": 4,
+           "norm_num_groups": 4}
+TINY_GPT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "multiple_of": 32}
+
+
+def ctf_argv(data, out, *extra):
+    return ["ctf", "--data", str(data), "--codebook_size", "64", "--clusters", "4,8", "--seeds", "2", "--steps", "1",
+            "--batch_size", "2", "--tokenizer_steps", "1", "--tokenizer_batch_size", "2",
+            "--tokenizer_config", json.dumps(TINY_VQ), "--ar_config", json.dumps(TINY_GPT), "--images_per_class", "1",
+            "--device", "cpu", "--output_dir", str(out), *extra]
+
+
+def test_ctf_claim_writes_table_json_and_plot(claims, emoji_splits, tmp_path, capsys):
+    out = tmp_path / "ctf"
+    argv = ctf_argv(emoji_splits, out)
+    result = claims.main(argv)
+    printed = capsys.readouterr().out
+
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["summary"] == json.loads(json.dumps(result["summary"]))
+    assert [(r["config"], r["seed"]) for r in saved["runs"]] == [
+        ("gpt", 0), ("gpt", 1), ("ctf-4", 0), ("ctf-4", 1), ("ctf-8", 0), ("ctf-8", 1)]
+    # One tokenizer for every prior: the same codes, the GPT and CTF stage 1 of the same architecture.
+    tokenizer_dir = saved["tokenizer"]["path"]
+    assert all(r["train_argv"][r["train_argv"].index("--tokenizer_name_or_path") + 1] == tokenizer_dir
+               for r in saved["runs"])
+    tm = saved["tokenizer"]["metrics"]
+    assert 0 < tm["codebook_usage"] <= 1 and math.isfinite(tm["recon_fid"]) and 0 <= tm["recon_class_consistency"] <= 1
+    by_config = {r["config"]: r for r in saved["summary"]}
+    gpt, ctf4, ctf8 = by_config["gpt"], by_config["ctf-4"], by_config["ctf-8"]
+    assert gpt["aux_parameters"] == 0 and ctf4["aux_parameters"] > 0
+    # Same body; only the token table and the head differ (64 codes for the GPT, 4 or 8 labels for CTF).
+    assert gpt["ar_parameters"] - ctf4["ar_parameters"] == 2 * (64 - 4) * TINY_GPT["hidden_size"]
+    assert ctf8["ar_parameters"] - ctf4["ar_parameters"] == 2 * 4 * TINY_GPT["hidden_size"]
+    for run in saved["runs"]:
+        m = run["metrics"]
+        assert run["test_images"] == 18 and m["num_generated"] == 9  # one per class of the 9 in the split
+        assert all(math.isfinite(m[k]) for k in ("fid", "kid_mean", "precision", "recall", "class_consistency"))
+        assert m["images_per_second"] > 0 and 0 <= m["class_consistency"] <= 1
+    assert all(r["metrics"]["speed_vs_gpt"] == 1.0 for r in saved["runs"] if r["config"] == "gpt")
+    fids = [r["metrics"]["fid"] for r in saved["runs"] if r["config"] == "ctf-4"]
+    assert fids[0] != fids[1] and ctf4["fid_mean"] == pytest.approx(sum(fids) / 2)
+
+    table = (out / "table.txt").read_text()
+    for row in saved["summary"]:
+        line = next(l for l in table.splitlines() if l.startswith(row["config"] + " "))
+        assert f"{row['fid_mean']:.2f} +- {row['fid_std']:.2f}" in line
+        assert f"{row['class_consistency_mean']:.3f} +- {row['class_consistency_std']:.3f}" in line
+    assert table.splitlines()[-1] in printed
+    assert table.splitlines()[-1].startswith("(tokenizer recon.)") and f"{tm['recon_fid']:.2f}" in table
+    with Image.open(out / "fid_vs_clusters.png") as image:
+        assert image.size == (720, 480) and len(image.getcolors(1 << 16)) > 2
+
+    # Asked again: the tokenizer and every prior are reused; another sampling seed re-evaluates without retraining.
+    claims.main(argv)
+    assert capsys.readouterr().out.count("reused") == 7
+    again = claims.main(ctf_argv(emoji_splits, out, "--sample_seed", "1"))
+    printed = capsys.readouterr().out
+    assert printed.count("reused") == 1 and printed.count("re-evaluating") == 6 and "training 1 steps" not in printed
+    assert [r["metrics"]["fid"] for r in again["runs"]] != [r["metrics"]["fid"] for r in saved["runs"]]
+    # A retrained tokenizer (same folder, other codes) retrains the priors on it.
+    claims.main(ctf_argv(emoji_splits, out, "--tokenizer_steps", "2", "--clusters", "4", "--seeds", "1"))
+    printed = capsys.readouterr().out
+    assert "training LlamaGen VQ" in printed and "reused" not in printed and printed.count("training 1 steps") == 2
+
+
+@pytest.mark.parametrize("bad, message", [(["--clusters", "4,x"], "comma-separated list of integers"),
+                                          (["--clusters", "32,32"], "distinct cluster counts"),
+                                          (["--clusters", "4096"], "must be below --codebook_size"),
+                                          (["--ar_config", "[1, 2]"], "expected a JSON object"),
+                                          (["--classifier", "none"], "scored by the classifier"),
+                                          (["--data", "/nonexistent/emoji"], "image folder not found")])
+def test_ctf_claim_bad_arguments(claims, bad, message, capsys):
+    with pytest.raises(SystemExit):
+        claims.main(["ctf", *bad])
+    assert message in capsys.readouterr().err

@@ -7,7 +7,8 @@ Every combination of the grid's values (the pipeline's ``__call__`` keywords, e.
 is evaluated as ``hf-rq evaluate generation`` does it: ``--num_images_per_class`` x classes samples, split over
 the classes as the emoji test split is, metrics in the bundled classifier's feature space. ``{}`` (one empty
 combination) measures the saved defaults. Results are appended to ``--output`` after every run, so a stopped
-sweep keeps what it measured and a rerun skips the settings already there.
+sweep keeps what it measured and a rerun skips the settings already there. ``--table`` prints the results
+already in ``--output`` as a markdown table (one row per model and setting, the seeds side by side) instead.
 """
 
 from __future__ import annotations
@@ -33,6 +34,20 @@ def combinations(grid: dict) -> list[dict]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
 
 
+def markdown_table(results: list[dict]) -> str:
+    rows: dict[tuple, list[dict]] = {}
+    for r in results:
+        rows.setdefault((r["model"], json.dumps(r["settings"], sort_keys=True)), []).append(r)
+    lines = ["| model | settings | seeds | FID | class-consistency | precision | recall |", "|---|---|---|---|---|---|---|"]
+    for (model, settings), runs in rows.items():
+        runs = sorted(runs, key=lambda r: r["seed"])
+        cells = ["/".join(f"{r[k]:.{2 if k == 'fid' else 3}f}" for r in runs) for k in ("fid", "class_consistency",
+                                                                                        "precision", "recall")]
+        shown = ", ".join(f"{k}={v}" for k, v in json.loads(settings).items() if v is not None) or "saved defaults"
+        lines.append(f"| {model.split('/')[-1]} | {shown} | {'/'.join(str(r['seed']) for r in runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="bundled name (hf-rq/<name>), folder or Hub id")
@@ -41,7 +56,11 @@ def main(argv=None) -> int:
     parser.add_argument("--num_images_per_class", type=int, default=20)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--output", type=Path, required=True, help="JSON list of results (appended to)")
+    parser.add_argument("--table", action="store_true", help="print --output as a markdown table and stop")
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads(args.output.read_text())))
+        return 0
 
     grid = json.loads(args.grid)
     if not isinstance(grid, dict):

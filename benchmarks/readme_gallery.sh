@@ -41,7 +41,8 @@ for family in rq dq ctf; do
         --output "$METRICS/$family.json"
     hf-rq evaluate reconstruction --model "hf-rq/$family-emoji-64" --data "$DATA" --output "$METRICS/reconstruction_$family.json"
 done
-hf-rq evaluate generation --model hf-rq/rq-emoji-64 --num-images-per-class 20 --seed 0 --guidance-scale 2.0 --quiet \
-    --output "$METRICS/rq-guidance2.json"
+# rq-emoji-64's defaults before 2026-12-02, for comparison (top-k 0 = off)
+hf-rq evaluate generation --model hf-rq/rq-emoji-64 --num-images-per-class 20 --seed 0 --guidance-scale 1 \
+    --temperature 1 --top-k 0 --quiet --output "$METRICS/rq-old-defaults.json"
 hf-rq evaluate generation --images "$DATA" --split train --quiet --output "$METRICS/real-train-images.json"
 echo "pictures in docs/images/, metrics in $METRICS/"

@@ -55,8 +55,8 @@ train_family() {
     dq-cfg)
         # The recipe of the shipped dq-emoji-64: its first prior (trained as above but without class dropout) is
         # fine-tuned with class dropout 0.1 on its own DQ-VAE's codes. The null class is added to the pretrained
-        # prior (every weight kept, the new start-token rows at the mean of the class rows). 2-core CPU, ~1 hour.
-        local base=${DQ_BASE:-src/hf_rq/bundled/dq-emoji-64}
+        # prior (every weight kept, the new start-token rows at the mean of the class rows). 2-core CPU, ~45 min.
+        local base=${DQ_BASE:?set DQ_BASE to the first dq-emoji-64 (no null class; see TRAINING.md for how to get it)}
         OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} timed dq-cfg "$PYTHON" training/train_prior.py --model dq \
             --pretrained_model_name_or_path "$base" --class_dropout_prob 0.1 \
             --train_data_dir "$DATA" --resolution 64 --random_flip --seed "$SEED" --train_batch_size 64 \

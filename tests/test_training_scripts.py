@@ -156,10 +156,14 @@ def test_readme_commands(readme_runs):
 
     dq = DQTransformerPipeline.from_pretrained(runs / "dq-emoji64")
     assert dq.transformer.config.codebook_size == 32 and dq.vqvae.config.router_type == "feature"
+    assert dq.transformer.config.use_null_class and dq.transformer.config.class_dropout_prob == 0.1  # for guidance
     for p in (ctf, llamagen, dq):
         p.set_progress_bar_config(disable=True)
         images = p(class_labels=["animals_nature"], generator=torch.Generator().manual_seed(0), output_type="np").images
         assert images.shape == (1, 16, 16, 3)
+    guided = dq(class_labels=["animals_nature"], guidance_scale=2.0, generator=torch.Generator().manual_seed(0),
+                output_type="np").images
+    assert guided.shape == (1, 16, 16, 3)
 
 
 def tokenizer_args(out, steps=6, extra=()):

@@ -91,8 +91,11 @@ def main(argv=None) -> int:
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
-    shutil.copy(index_file, target / "model_index.json")
-    components = [k for k, v in json.loads(index_file.read_text()).items() if isinstance(v, list)]
+    index = json.loads(index_file.read_text())
+    # Optional components a pipeline was saved without (e.g. a class model's text encoder) are [null, null]: dropped.
+    index = {k: v for k, v in index.items() if not (isinstance(v, list) and v[0] is None)}
+    (target / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    components = [k for k, v in index.items() if isinstance(v, list)]
     numel = 0
     for component in components:
         (target / component).mkdir()

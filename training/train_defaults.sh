@@ -6,6 +6,7 @@
 #   DATA=../shared/data/emoji OUT=runs/defaults bash training/train_defaults.sh          # all three families
 #   FAMILIES="rq" bash training/train_defaults.sh                                       # one of them
 #   FAMILIES="rq-text" bash training/train_defaults.sh    # the text-to-image default (rq-emoji-64-text)
+#   FAMILIES="dq-cfg" bash training/train_defaults.sh     # dq-emoji-64's guidance fine-tune (see TRAINING.md)
 #
 # With a GPU the three families train side by side (the models are small, the GPU is mostly idle otherwise);
 # on a CPU they run one after the other. TOKENIZER_STEPS / PRIOR_STEPS scale a run down for a smoke test.
@@ -47,10 +48,22 @@ train_family() {
     dq)
         timed dqvae "$PYTHON" training/train_tokenizer.py --model dqvae --model_config training/configs/dqvae_emoji64.json \
             "${common[@]}" "${tokenizer_args[@]}" --output_dir "$OUT/dqvae-emoji-64"
-        # The DQ-Transformer has no null class (as the authors'), hence no class dropout.
+        # Class dropout gives the DQ-Transformer a null class (not in the authors' model), for guidance.
         timed dq "$PYTHON" training/train_prior.py --model dq --tokenizer_name_or_path "$OUT/dqvae-emoji-64" \
-            --model_config training/configs/dqtransformer_emoji64.json --class_dropout_prob 0 \
+            --model_config training/configs/dqtransformer_emoji64.json --class_dropout_prob 0.1 \
             "${common[@]}" "${prior_args[@]}" --output_dir "$OUT/dq-emoji-64" ;;
+    dq-cfg)
+        # The recipe of the shipped dq-emoji-64: its first prior (trained as above but without class dropout) is
+        # fine-tuned with class dropout 0.1 on its own DQ-VAE's codes. The null class is added to the pretrained
+        # prior (every weight kept, the new start-token rows at the mean of the class rows). 2-core CPU, ~45 min.
+        local base=${DQ_BASE:?set DQ_BASE to the first dq-emoji-64 (no null class; see TRAINING.md for how to get it)}
+        OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} timed dq-cfg "$PYTHON" training/train_prior.py --model dq \
+            --pretrained_model_name_or_path "$base" --class_dropout_prob 0.1 \
+            --train_data_dir "$DATA" --resolution 64 --random_flip --seed "$SEED" --train_batch_size 64 \
+            --learning_rate 3e-4 --lr_scheduler cosine --lr_warmup_steps 50 --max_train_steps "${DQ_CFG_STEPS:-1100}" \
+            --use_ema --ema_decay 0.995 --checkpointing_steps 100 --checkpoints_total_limit 1 \
+            --validation_steps "${DQ_CFG_STEPS:-1100}" --num_validation_images 0 --logging_steps 25 \
+            --output_dir "$OUT/dq-emoji-64-cfg" ;;
     ctf)
         timed llamagen-vq "$PYTHON" training/train_tokenizer.py --model llamagen-vq \
             --model_config training/configs/llamagen_vq_emoji64.json \
@@ -72,7 +85,7 @@ train_family() {
             --lr_scheduler cosine --lr_warmup_steps 20 --max_train_steps "${TEXT_PRIOR_STEPS:-500}" \
             --checkpointing_steps 50 --checkpoints_total_limit 1 --validation_steps "${TEXT_PRIOR_STEPS:-500}" \
             --num_validation_images 8 --logging_steps 25 --output_dir "$OUT/rq-emoji-64-text" ;;
-    *) echo "unknown family '$1' (expected rq, dq, ctf or rq-text)" >&2; return 2 ;;
+    *) echo "unknown family '$1' (expected rq, dq, ctf, rq-text or dq-cfg)" >&2; return 2 ;;
     esac
 }
 

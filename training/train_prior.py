@@ -32,7 +32,7 @@ from hf_rq.training import (
     push_folder_to_hub, save_checkpoint, step_generator, training_length, validate_training_arguments,
     write_rank_report,
 )
-from hf_rq.training.priors import PRIORS, get_prior_spec
+from hf_rq.training.priors import PRIORS, copy_matching_weights, get_prior_spec  # noqa: F401 (re-exported)
 from hf_rq.training.text import add_text_arguments, caption_table, load_text_tokenizer
 
 logger = logging.getLogger("train_prior")
@@ -118,7 +118,7 @@ def main(argv=None):
     else:
         prior = spec.build_prior(tokenizer, config, data.num_classes, args, **text)
         if args.init_prior_weights:
-            copied, skipped = copy_matching_weights(prior, spec.load_prior(args.init_prior_weights, args.revision))
+            copied, skipped = spec.warm_start(prior, spec.load_prior(args.init_prior_weights, args.revision))
             logger.info(f"--init_prior_weights: copied {len(copied)} tensors; kept fresh: {skipped}")
     if text_tokenizer is not None:  # row i of the split -> its caption's ids (joined on the code cache's index)
         length = prior.config.text_length
@@ -266,22 +266,6 @@ def validate(args, accelerator, spec, tokenizer, prior, ema, data, val_codes, st
     if ema is not None:
         ema.restore(prior.parameters())
     return metrics
-
-
-@torch.no_grad()
-def copy_matching_weights(prior, source):
-    """Copy ``source``'s tensors into ``prior`` where name and shape match; -> (copied names, names left as they were)."""
-    theirs = source.state_dict()
-    copied, skipped = [], []
-    for name, tensor in prior.state_dict().items():
-        if name in theirs and theirs[name].shape == tensor.shape:
-            tensor.copy_(theirs[name])
-            copied.append(name)
-        else:
-            skipped.append(name)
-    if not copied:
-        raise ValueError("--init_prior_weights: no tensor of that prior matches this one's names and shapes")
-    return copied, skipped
 
 
 def finish(args, pipeline, prior, data, metrics):

@@ -45,7 +45,7 @@ class DQTransformerGenerateOutput(ModelOutput):
         tokens (:class:`~hf_rq.dq.tokens.DQTokens`): the sampled sequences without start tokens, as the
             authors' sampler returns them (each part ends with its end position, paired with content ``K``).
         position_scores / content_scores (`tuple[torch.FloatTensor]`, *optional*): with ``output_scores=True``,
-            the raw logits `(B, V)` of every step (before temperature and masks).
+            the logits `(B, V)` of every step (after classifier-free guidance, before temperature and masks).
     """
 
     codes: torch.LongTensor | None = None
@@ -152,8 +152,10 @@ class DQGenerationMixin:
                 every fine cell outside the coarse ones, in permuter order), ``use_cache`` (False re-runs both stacks
                 on the whole prefix at every step, as the authors), ``output_scores``, ``return_dict_in_generate``.
                 Filter order (the authors'): temperature, masks, top-k on logits, softmax, top-p on probabilities.
-                The ranges are every family's (``hf_rq.sampling_args``): top-k None / 0 = off; ``guidance_scale``
-                may only be None or 1 (the model has no null class).
+                The ranges are every family's (``hf_rq.sampling_args``): top-k None / 0 = off. ``guidance_scale``
+                (None or a number >= 1; 1 = off): ``s > 1`` is classifier-free guidance ``u + s * (c - u)`` on the
+                position and the content logits alike, before temperature and filters; it needs a model with a
+                null class (``config.use_null_class``; the authors' models have none).
             generator (`torch.Generator` or a list of them, *optional*): source of randomness for the draws. A list
                 holds one generator per image; since a DQ batch is not row-independent (finished images keep
                 feeding pad tokens that the others attend to), each image is then sampled in a batch of its own,
@@ -175,10 +177,15 @@ class DQGenerationMixin:
         args = validate_generation_config(gc, ("do_sample", "temperature", "top_k", "top_p", "position_top_k",
                                                "position_top_p", "guidance_scale", "fix_fine_position", "use_cache",
                                                "output_scores", "return_dict_in_generate"))
-        if args["guidance_scale"] != 1.0:
-            raise ValueError(f"guidance_scale={gc.guidance_scale!r}: the DQ-Transformer has no classifier-free guidance "
-                             "(the authors' model has no null class / null text); leave it at None or 1")
         c, v = self.config, self.config.vocabulary
+        scale = args["guidance_scale"]
+        use_cfg = scale > 1.0  # checked by hf_rq.sampling_args: a finite number >= 1
+        if use_cfg and not c.use_null_class:
+            kind = ("text-conditional (no null text)" if c.text_feature_size else "unconditional" if not c.num_classes
+                    else "class-conditional without a null class (as the authors' models)")
+            raise ValueError(f"guidance_scale={gc.guidance_scale!r}: classifier-free guidance needs a DQ-Transformer "
+                             f"trained with a null class (config.use_null_class, class dropout); this one is {kind}: "
+                             "leave guidance_scale at None or 1")
         do_sample, temperature, top_k, top_p, pos_top_k, pos_top_p = (args[k] for k in (
             "do_sample", "temperature", "top_k", "top_p", "position_top_k", "position_top_p"))
         device = self.content_embedding.weight.device
@@ -191,6 +198,19 @@ class DQGenerationMixin:
         if isinstance(generator, list):
             return self._generate_per_image(ids, gc, generator, progress_bar, text_features,
                                             (known_codes, known_granularity, known_regions))
+
+        # Guidance: rows B.. of the decoding batch are the same images under the null class. They are fed the
+        # tokens drawn for rows ..B, so the sampling state (masks, end flags, editing) is kept for the B images only.
+        rows = torch.cat([ids, torch.full_like(ids, c.null_class_id)]) if use_cfg else ids
+
+        def guided(logits):
+            if not use_cfg:
+                return logits
+            cond, uncond = logits.chunk(2)
+            return uncond + scale * (cond - uncond)
+
+        def both(token):
+            return torch.cat([token, token]) if use_cfg else token
 
         def choose(logits, allowed, k, p):
             # The authors' order: temperature, masks (applied by the caller), top-k, softmax, top-p, draw.
@@ -206,10 +226,11 @@ class DQGenerationMixin:
                 raise ValueError(f"known_codes holds {known_codes.shape[0]} images for a batch of {B}")
             known = DQKnownTokens(known_codes.to(device), known_granularity.to(device), known_regions, v,
                                   c.fine_position_order)
-        engine = _CachedEngine(self, B, prefix) if gc.use_cache is not False else _FullEngine(self, prefix)
+        engine = _CachedEngine(self, rows.numel(), prefix) if gc.use_cache is not False else _FullEngine(self, prefix)
         scores = ([], []) if gc.output_scores else None
-        content_start, coarse_start, fine_start = v.start_tokens(ids)
+        content_start, coarse_start, fine_start = v.start_tokens(rows)
         seq = _Sequence(content_start, coarse_start)
+        coarse_start = coarse_start[:B]
         index = torch.arange(v.fine_position_vocab_size, device=device)
         content_index = torch.arange(v.content_vocab_size, device=device)
         content_open = content_index < c.codebook_size  # never the pad K, the end K+1 or a class token
@@ -218,8 +239,8 @@ class DQGenerationMixin:
         steps = iter(steps if progress_bar is None else progress_bar(steps))
 
         def content_step(hidden_rows, next_position, finished):
-            g = engine.content_hidden(seq, hidden_rows, next_position)
-            logits = self.content_head(self.content_norm(g)).float()
+            g = engine.content_hidden(seq, hidden_rows, both(next_position))
+            logits = guided(self.content_head(self.content_norm(g)).float())
             if scores is not None:
                 scores[1].append(logits)
             # Quirk: the end flag is updated before the content draw, so the content paired with an end position
@@ -239,7 +260,7 @@ class DQGenerationMixin:
             next(steps, None)
             self._check_length(seq.length)
             h = engine.position_hidden(seq)
-            logits = self.position_head(self.position_norm(h[:, -1])).float()
+            logits = guided(self.position_head(self.position_norm(h[:, -1])).float())
             if scores is not None:
                 scores[0].append(logits)
             allowed = torch.where(finished[:, None], coarse_pad_only, coarse_open & ~sampled_coarse)
@@ -251,12 +272,12 @@ class DQGenerationMixin:
             code = content_step(h, position, finished)
             if known is not None:
                 code = known.keep(position, code, fine=False)
-            seq.content.append(code)
-            seq.position.append(position)
+            seq.content.append(both(code))
+            seq.position.append(both(position))
 
         # ---- fine phase
         num_coarse = seq.length
-        coarse_cells = torch.stack(seq.position[1:], 1)
+        coarse_cells = torch.stack(seq.position[1:], 1)[:B]
         is_coarse = torch.zeros(B, v.num_coarse_positions + 2, dtype=torch.bool, device=device)
         is_coarse.scatter_(1, coarse_cells.clamp(max=v.num_coarse_positions + 1), coarse_cells < v.num_coarse_positions)
         coarse_up = upsample_granularity(is_coarse[:, : v.num_coarse_positions].reshape(B, c.coarse_grid_size, -1))
@@ -286,7 +307,7 @@ class DQGenerationMixin:
                 # Fixed positions: the position stack still runs (its hidden state feeds the content stack).
                 position = fixed[:, j]
             else:
-                logits = self.position_head(self.position_norm(h[:, -1])).float()
+                logits = guided(self.position_head(self.position_norm(h[:, -1])).float())
                 if scores is not None:
                     scores[0].append(logits)
                 allowed = fine_open & ~forbidden
@@ -300,15 +321,15 @@ class DQGenerationMixin:
             code = content_step(h, position, finished)
             if known is not None:
                 code = known.keep(position, code, fine=True)
-            seq.content.append(code)
-            seq.position.append(position)
+            seq.content.append(both(code))
+            seq.position.append(both(position))
             j += 1
 
         tokens = DQTokens(
-            coarse_content=torch.stack(seq.content[1:num_coarse], 1),
-            coarse_position=torch.stack(seq.position[1:num_coarse], 1),
-            fine_content=torch.stack(seq.content[num_coarse + 1:], 1),
-            fine_position=torch.stack(seq.position[num_coarse + 1:], 1),
+            coarse_content=torch.stack(seq.content[1:num_coarse], 1)[:B],
+            coarse_position=torch.stack(seq.position[1:num_coarse], 1)[:B],
+            fine_content=torch.stack(seq.content[num_coarse + 1:], 1)[:B],
+            fine_position=torch.stack(seq.position[num_coarse + 1:], 1)[:B],
         )
         codes, granularity = tokens_to_codes(tokens, c.codebook_size, c.coarse_grid_size)
         if not gc.return_dict_in_generate:

@@ -154,8 +154,11 @@ class DQTransformerPipeline(BundledModelsMixin, ClassLabelsMixin, EditingPipelin
             num_images_per_prompt (`int`): images per label or prompt (for an unconditional model: the number of
                 images).
             prompt (`str` or `list[str]`, *optional*): text-to-image models only, instead of class labels.
-            negative_prompt, guidance_scale: classifier-free guidance; the authors' DQ models (class and text) have
-                no null condition, so ``guidance_scale`` must stay None / 1 and ``negative_prompt`` None (clear error).
+            guidance_scale (`float`, *optional*): classifier-free guidance (``s > 1``) for a class-conditional prior
+                trained with a null class (``transformer.config.use_null_class``); None keeps the prior's
+                ``generation_config``. The authors' DQ models (class and text) have no null condition: for them it
+                must stay None / 1 (clear error).
+            negative_prompt: must stay None (no DQ text model has a null text).
             generator (`torch.Generator` or a list of them, *optional*): the same generator state gives the same
                 images; a list holds one generator per image (image ``i`` then depends on ``generator[i]`` only).
             temperature, top_k, top_p: content sampling (one temperature for positions too, as the authors);

@@ -49,6 +49,11 @@ class DQTransformerConfig(PreTrainedConfig):
         codebook_size (`int`): ``K``, codes of the DQ-VAE.
         coarse_grid_size (`int`): ``hc``; the fine grid is ``2 * hc`` (16 for the published 256 px model).
         num_classes (`int`): number of classes ``C``; 0 makes the model unconditional.
+        use_null_class (`bool`): add a "null class" start token (id ``C``, after the class tokens in every
+            vocabulary), which classifier-free guidance needs. Not part of the authors' models; off keeps their
+            vocabulary layout exactly.
+        class_dropout_prob (`float`): in training, the probability of replacing a label by the null class
+            (requires ``use_null_class``).
         text_feature_size (`int`): width of the text encoder's features; > 0 makes the model text-conditional
             (the authors' t2i Dualformer: unconditional start tokens plus a text prefix, see
             :mod:`hf_rq.dq.text_conditioning`); requires ``num_classes = 0``.
@@ -63,8 +68,8 @@ class DQTransformerConfig(PreTrainedConfig):
         embd_pdrop / attn_pdrop / resid_pdrop (`float`): dropout (the authors: 0.1 each).
         layer_norm_eps (`float`), initializer_range (`float`): as in other transformers models.
 
-    Derived sizes (properties): ``content_vocab_size = K + 2 + max(C, 1)``, ``coarse_position_vocab_size =
-    Nc + 2 + max(C, 1)``, ``fine_position_vocab_size = Nf + 2 + max(C, 1)``.
+    Derived sizes (properties), with ``S = max(C, 1) + use_null_class`` start tokens: ``content_vocab_size =
+    K + 2 + S``, ``coarse_position_vocab_size = Nc + 2 + S``, ``fine_position_vocab_size = Nf + 2 + S``.
     """
 
     model_type = "hf_rq_dqtransformer"
@@ -72,6 +77,8 @@ class DQTransformerConfig(PreTrainedConfig):
     codebook_size: int = 1024
     coarse_grid_size: int = 16
     num_classes: int = 1000
+    use_null_class: bool = False
+    class_dropout_prob: float = 0.0
     text_feature_size: int = 0
     hidden_size: int = 1024
     num_position_layers: int = 6
@@ -103,10 +110,20 @@ class DQTransformerConfig(PreTrainedConfig):
                              f"text_feature_size={self.text_feature_size}, num_classes={self.num_classes}")
         if self.fine_position_order not in FINE_POSITION_ORDERS:
             raise ValueError(f"fine_position_order must be one of {FINE_POSITION_ORDERS}, got {self.fine_position_order!r}")
+        if self.use_null_class and self.num_classes == 0:
+            raise ValueError("use_null_class needs a class-conditional model (num_classes > 0)")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+        if self.class_dropout_prob > 0 and not self.use_null_class:
+            raise ValueError("class_dropout_prob > 0 needs use_null_class=True (dropped labels become the null class)")
 
     @property
     def vocabulary(self) -> DQVocabulary:
-        return DQVocabulary(self.codebook_size, self.coarse_grid_size, self.num_classes)
+        return DQVocabulary(self.codebook_size, self.coarse_grid_size, self.num_classes, self.use_null_class)
+
+    @property
+    def null_class_id(self) -> int | None:
+        return self.num_classes if self.use_null_class else None
 
     @property
     def fine_grid_size(self) -> int:
@@ -204,8 +221,40 @@ class DQTransformerForImageGeneration(DQTransformerPreTrainedModel, DQGeneration
     def get_input_embeddings(self) -> nn.Module:
         return self.content_embedding
 
+    @torch.no_grad()
+    def add_null_class(self) -> None:
+        """Give a class-conditional model without a null class one, in place, keeping every weight.
+
+        For fine-tuning a model trained without class dropout (the authors', or an old default) into one that
+        classifier-free guidance can use. Each vocabulary grows by one start token at its end, so no index moves;
+        the new rows of the three embeddings and the two heads start at the mean of the class rows (a neutral
+        start that fine-tuning with ``class_dropout_prob > 0`` turns into the null class).
+        """
+        c = self.config
+        if c.num_classes == 0:
+            raise ValueError("add_null_class needs a class-conditional model (num_classes > 0)")
+        if c.use_null_class:
+            raise ValueError("this model already has a null class (config.use_null_class)")
+        v = c.vocabulary
+        firsts = {"content_embedding": v.content_eos + 1, "coarse_position_embedding": v.coarse_eos + 1,
+                  "fine_position_embedding": v.fine_eos + 1, "position_head": v.fine_eos + 1,
+                  "content_head": v.content_eos + 1}
+        for name, first in firsts.items():
+            old = getattr(self, name)
+            weight = old.weight
+            rows = torch.cat([weight, weight[first:first + c.num_classes].mean(0, keepdim=True)])
+            if isinstance(old, nn.Embedding):
+                new = nn.Embedding(rows.shape[0], rows.shape[1], padding_idx=old.padding_idx)
+            else:
+                new = nn.Linear(rows.shape[1], rows.shape[0], bias=False)
+            new.to(device=weight.device, dtype=weight.dtype).weight.copy_(rows)
+            new.weight.requires_grad_(weight.requires_grad)
+            setattr(self, name, new)
+        c.use_null_class = True
+
     # ----------------------------------------------------------------------------------- inputs
-    def _class_ids(self, class_labels, batch_size: int, device) -> torch.LongTensor:
+    def _class_ids(self, class_labels, batch_size: int, device, allow_null: bool = True) -> torch.LongTensor:
+        """Validated class ids `(B,)`; the null id ``num_classes`` is accepted when the model has one."""
         c = self.config
         if c.num_classes == 0:
             if class_labels is not None:
@@ -219,8 +268,9 @@ class DQTransformerForImageGeneration(DQTransformerPreTrainedModel, DQGeneration
         labels = labels.reshape(-1).long()
         if labels.numel() != batch_size:
             raise ValueError(f"got {labels.numel()} class labels for a batch of {batch_size}")
-        if labels.numel() and (labels.min() < 0 or labels.max() >= c.num_classes):
-            raise ValueError(f"class id out of range [0, {c.num_classes}): got values in [{labels.min()}, {labels.max()}]")
+        top = c.num_classes + int(allow_null and c.use_null_class)
+        if labels.numel() and (labels.min() < 0 or labels.max() >= top):
+            raise ValueError(f"class id out of range [0, {top}): got values in [{labels.min()}, {labels.max()}]")
         return labels
 
     def prepare_sequences(self, tokens: DQTokens, class_labels=None) -> dict[str, torch.LongTensor]:
@@ -228,10 +278,16 @@ class DQTransformerForImageGeneration(DQTransformerPreTrainedModel, DQGeneration
 
         Returns ``coarse_content`` / ``coarse_position`` `(B, 1 + Lc)` and ``fine_content`` / ``fine_position``
         `(B, 1 + Lf)`: ``[K+2+c, codes.., K+1, K..]``, ``[Nc+2+c, cells.., Nc+1, Nc..]``, ``[K+2+c, ...]``,
-        ``[Nf+2+c, ...]`` (``c = 0`` when unconditional).
+        ``[Nf+2+c, ...]`` (``c = 0`` when unconditional). In training mode, ``class_dropout_prob`` replaces the
+        class of a whole sequence by the null class at random.
         """
         B = tokens.coarse_content.shape[0]
-        ids = self._class_ids(class_labels, B, tokens.coarse_content.device)
+        device = tokens.coarse_content.device
+        ids = self._class_ids(class_labels, B, device)
+        if self.training and self.config.class_dropout_prob > 0:
+            # Classifier-free guidance: the null class replaces the label of the whole sequence (every start token).
+            drop = torch.rand(B, device=device) < self.config.class_dropout_prob
+            ids = torch.where(drop, torch.full_like(ids, self.config.null_class_id), ids)
         sc, scp, sfp = (s[:, None] for s in self.config.vocabulary.start_tokens(ids))
         return dict(
             coarse_content=torch.cat([sc, tokens.coarse_content], 1),
@@ -275,7 +331,9 @@ class DQTransformerForImageGeneration(DQTransformerPreTrainedModel, DQGeneration
         Args:
             codes (`torch.LongTensor` of shape `(B, hf, hf)`), granularity (`(B, hc, hc)`): the DQ-VAE's output;
                 converted with :func:`~hf_rq.dq.tokens.codes_to_tokens` (``config.fine_position_order``).
-            class_labels (`torch.LongTensor` of shape `(B,)`): class ids (class-conditional models only).
+            class_labels (`torch.LongTensor` of shape `(B,)`): class ids (class-conditional models only; the null
+                class ``num_classes`` when the model has one). In training mode, ``class_dropout_prob`` replaces
+                labels by the null class at random.
             tokens (:class:`~hf_rq.dq.tokens.DQTokens`, *optional*): the token form instead of codes/granularity.
             text_features (`torch.FloatTensor` of shape `(B, D)` or `(B, P, D)`): text models only, the text
                 encoder's features (a prefix of both stacks; logits and losses are those of the image rows).

@@ -24,6 +24,9 @@ coarse position    ``0..Nc-1``           ``Nc``   ``Nc+1``   ``Nc+2+c``
 fine position      ``0..Nf-1``           ``Nf``   ``Nf+1``   ``Nf+2+c``
 =================  ====================  =======  =========  ===================
 
+A model with a null class (classifier-free guidance, not in the authors' models) uses ``c = C`` for it, one
+start token after the class tokens in every space.
+
 :func:`codes_to_tokens` and :func:`tokens_to_codes` are the one pair of functions converting between the two.
 """
 
@@ -45,11 +48,15 @@ class DQVocabulary:
         codebook_size: ``K``.
         coarse_grid_size: ``hc``; the fine grid is ``hf = 2 * hc``.
         num_classes: ``C`` classes; 0 = unconditional, which has a single start token per space (``c = 0``).
+        use_null_class: one more start token per space, class id ``C`` (the null class of classifier-free
+            guidance; not in the authors' models). It comes after the class tokens, so every other index keeps
+            its value and a model without it has exactly the authors' layout.
     """
 
     codebook_size: int
     coarse_grid_size: int
     num_classes: int = 0
+    use_null_class: bool = False
 
     @property
     def fine_grid_size(self) -> int:
@@ -65,7 +72,11 @@ class DQVocabulary:
 
     @property
     def num_start_tokens(self) -> int:
-        return max(self.num_classes, 1)
+        return max(self.num_classes, 1) + int(self.use_null_class)
+
+    @property
+    def null_class_id(self) -> int | None:
+        return self.num_classes if self.use_null_class else None
 
     # content space
     @property
@@ -108,7 +119,8 @@ class DQVocabulary:
 
     def start_tokens(self, class_ids: torch.LongTensor) -> tuple[torch.LongTensor, torch.LongTensor, torch.LongTensor]:
         """``(content, coarse position, fine position)`` start tokens `(B,)` for class ids `(B,)` (zeros if
-        unconditional). The class is offset into every space; the same content token starts both parts."""
+        unconditional; ``null_class_id`` for the null class). The class is offset into every space; the same
+        content token starts both parts."""
         return (class_ids + self.codebook_size + 2, class_ids + self.num_coarse_positions + 2,
                 class_ids + self.num_fine_positions + 2)
 

@@ -101,6 +101,10 @@ class PriorSpec:
             prior.config.id2label = {int(k): v for k, v in id2label.items()}
             prior.config.label2id = {v: int(k) for k, v in id2label.items()}
 
+    def warm_start(self, prior, source) -> tuple[list[str], list[str]]:
+        """``--init_prior_weights``: copy ``source``'s matching weights into ``prior``; -> (copied, kept fresh)."""
+        return copy_matching_weights(prior, source)
+
     def prepare_for_training(self, prior, args) -> None:
         """Freeze what this run does not train (e.g. one CTF stage), so DDP sees no unused parameters."""
 
@@ -304,7 +308,9 @@ class CTFPriorSpec(LlamaGenPriorSpec):
 class DQPriorSpec(PriorSpec):
     """DQ-Transformer on DQ-VAE codes + granularity maps (the authors' position and content losses).
 
-    The DQ-Transformer has no null class, so there is no class dropout and no classifier-free guidance.
+    The authors' DQ-Transformer has no null class; with ``--class_dropout_prob > 0`` (class-conditional data) the
+    prior gets one (``use_null_class``), so that classifier-free guidance can be used. A pretrained prior without
+    one gains it (``add_null_class``, every weight kept), as does a ``--init_prior_weights`` source.
     """
 
     name = "dq"
@@ -325,10 +331,11 @@ class DQPriorSpec(PriorSpec):
     def build_prior(self, tokenizer, config, num_classes, args):
         _, prior_cls, config_cls, _ = self.classes()
         hc = self._grids(tokenizer, args.resolution)
-        if args.class_dropout_prob > 0:
-            logger.warning("the DQ-Transformer has no null class: --class_dropout_prob is ignored (no CFG for DQ)")
         derived = dict(codebook_size=tokenizer.config.codebook_size, coarse_grid_size=hc, num_classes=num_classes)
         _check_overrides(config, derived)
+        dropout = args.class_dropout_prob if num_classes else 0.0
+        derived.update(use_null_class=num_classes > 0 and (dropout > 0 or config.get("use_null_class", False)),
+                       class_dropout_prob=dropout)
         longest = hc * hc + (2 * hc) ** 2 + 4  # every region fine, plus start/end tokens (ARCHITECTURE.md 2.2)
         config = {"max_position_embeddings": longest, **config}
         if config["max_position_embeddings"] < longest:
@@ -344,6 +351,15 @@ class DQPriorSpec(PriorSpec):
         hc = self._grids(tokenizer, args.resolution)
         _check_grid((c.coarse_grid_size,) * 2, (hc, hc), args.resolution)
         _check_classes(c.num_classes, num_classes)
+        if num_classes and args.class_dropout_prob > 0 and not c.use_null_class:
+            prior.add_null_class()  # fine-tuning with class dropout teaches the null class from here on
+            logger.info("the pretrained DQ-Transformer had no null class: added one (class rows' mean) for class dropout")
+        c.class_dropout_prob = args.class_dropout_prob if c.use_null_class else 0.0
+
+    def warm_start(self, prior, source):
+        if prior.config.use_null_class and source.config.num_classes and not source.config.use_null_class:
+            source.add_null_class()  # so that the grown vocabularies match and every row is copied
+        return super().warm_start(prior, source)
 
     def training_loss(self, prior, tokenizer, batch, args, generator):
         out = prior(codes=batch["codes"].long(), granularity=batch["granularity"].long(),
@@ -354,9 +370,6 @@ class DQPriorSpec(PriorSpec):
     def validation_loss(self, prior, batch):
         return prior(codes=batch["codes"].long(), granularity=batch["granularity"].long(),
                      class_labels=batch.get("class_labels")).loss
-
-    def sample(self, pipeline, class_labels, num_images, generator, guidance_scale=None, prompts=None):
-        return super().sample(pipeline, class_labels, num_images, generator, None, prompts)  # no CFG in DQ
 
 
 PRIORS = {"rq": RQPriorSpec(), "llamagen": LlamaGenPriorSpec(), "ctf": CTFPriorSpec(), "dq": DQPriorSpec()}
@@ -369,3 +382,19 @@ def get_prior_spec(name: str) -> PriorSpec:
     spec = PRIORS[name]
     spec.classes()
     return spec
+
+
+@torch.no_grad()
+def copy_matching_weights(prior, source):
+    """Copy ``source``'s tensors into ``prior`` where name and shape match; -> (copied names, names left as they were)."""
+    theirs = source.state_dict()
+    copied, skipped = [], []
+    for name, tensor in prior.state_dict().items():
+        if name in theirs and theirs[name].shape == tensor.shape:
+            tensor.copy_(theirs[name])
+            copied.append(name)
+        else:
+            skipped.append(name)
+    if not copied:
+        raise ValueError("--init_prior_weights: no tensor of that prior matches this one's names and shapes")
+    return copied, skipped

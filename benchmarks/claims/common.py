@@ -8,6 +8,7 @@ import json
 import math
 import os
 import statistics
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -165,3 +166,56 @@ def check_common_arguments(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--seeds, --steps and --batch_size must be positive")
     if not os.path.isdir(args.data):
         parser.error(f"--data: image folder not found: {args.data}")
+
+
+def reconstruction_setup(args, base_arch: dict, per_config_keys: tuple[str, ...]):
+    """What a tokenizer claim needs before its runs: ``(device, arch, out_root, train_tokenizer module, test
+    images, feature extractor or None)``. ``arch`` is ``base_arch`` with ``--model_config`` on top, less the keys
+    each configuration sets itself."""
+    from hf_rq.evaluation import evaluator as ev
+    from hf_rq.evaluation.data import load_imagefolder
+
+    device = resolve_device(args.device)
+    arch = dict(base_arch)
+    if args.model_config:
+        arch.update(json.loads(Path(args.model_config).read_text() if os.path.isfile(args.model_config)
+                               else args.model_config))
+    for key in per_config_keys:
+        arch.pop(key, None)
+    out_root = Path(args.output_dir)
+    out_root.mkdir(parents=True, exist_ok=True)
+    test = load_imagefolder(args.data, args.split, size=args.resolution, max_images=args.max_test_images)
+    extractor = ev.load_feature_extractor("classifier", classifier=args.classifier, device=device) \
+        if args.classifier != "none" else None
+    return device, arch, out_root, load_training_script("train_tokenizer"), test, extractor
+
+
+def run_plan(plan: list[tuple], train, steps: int, num_test: int, score, write) -> dict:
+    """Train and score every ``(name, seed, run_dir, argv, config)`` of ``plan`` in order.
+
+    ``score(config, seed, run_dir)`` loads the trained model and returns ``(result dict, one-line summary)``;
+    ``write(runs, final)`` writes the outputs. A run already saved with the same ``argv`` is reused, and the
+    outputs are rewritten after every run, so a stopped benchmark keeps what it finished (plans are seed-major
+    so that every configuration has its first seeds early).
+    """
+    runs = []
+    start = time.time()
+    for i, (name, seed, run_dir, argv, config) in enumerate(plan):
+        result_file = Path(run_dir) / "claim_result.json"
+        cached = cached_run(result_file, argv, num_test)
+        if cached is not None:
+            runs.append(cached)
+            print(f"[{i + 1}/{len(plan)}] {name} seed {seed}: reused {result_file}", flush=True)
+            continue
+        print(f"[{i + 1}/{len(plan)}] {name} seed {seed}: training {steps} steps "
+              f"({time.time() - start:.0f} s elapsed)", flush=True)
+        t0 = time.time()
+        train.main(argv)
+        train_seconds = time.time() - t0
+        result, summary = score(config, seed, run_dir)
+        result.update(train_seconds=round(train_seconds, 1), test_images=num_test, train_argv=argv)
+        result_file.write_text(json.dumps(result, indent=2) + "\n")
+        runs.append(result)
+        print(f"    {summary}  ({train_seconds:.0f} s training)", flush=True)
+        write(runs, final=False)
+    return write(runs, final=True)

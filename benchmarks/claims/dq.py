@@ -32,12 +32,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import time
 from pathlib import Path
 
-from .common import (add_common_arguments, cached_run, check_common_arguments, format_table, load_training_script,
-                     metric_cell, plot_points, resolve_device, summarize)
+from .common import (add_common_arguments, check_common_arguments, format_table, metric_cell, plot_points,
+                     reconstruction_setup, run_plan, summarize)
 
 # Strides 16 (coarse) and 8 (fine) as the paper's F16/F8 model, so a 64x64 image has a 4x4 coarse and an 8x8
 # fine grid (16 and 64 tokens). Full: training/configs/dqvae_emoji64.json; quick: half its width (8
@@ -163,42 +161,13 @@ def run(args) -> dict:
 
     from hf_rq import DQVAEModel
     from hf_rq.evaluation import evaluator as ev
-    from hf_rq.evaluation.data import load_imagefolder
 
-    device = resolve_device(args.device)
-    arch = dict(DQ_QUICK_ARCH if args.quick else DQ_FULL_ARCH)
-    if args.model_config:
-        arch.update(json.loads(Path(args.model_config).read_text() if os.path.isfile(args.model_config)
-                               else args.model_config))
-    for key in ("router_type", "entropy_threshold", "fine_grain_ratio", "num_grains"):
-        arch.pop(key, None)  # set per configuration (two granularities: the entropy router has no third)
-    out_root = Path(args.output_dir)
-    out_root.mkdir(parents=True, exist_ok=True)
-    train = load_training_script("train_tokenizer")
-    test = load_imagefolder(args.data, args.split, size=args.resolution, max_images=args.max_test_images)
-    extractor = ev.load_feature_extractor("classifier", classifier=args.classifier, device=device) \
-        if args.classifier != "none" else None
+    # Two granularities, and router settings per configuration (the entropy router has no third grain).
+    device, arch, out_root, train, test, extractor = reconstruction_setup(
+        args, DQ_QUICK_ARCH if args.quick else DQ_FULL_ARCH,
+        ("router_type", "entropy_threshold", "fine_grain_ratio", "num_grains"))
 
-    runs = []
-    # Seed-major, outputs rewritten after every run: a benchmark stopped early has every configuration at its
-    # first seeds.
-    plan = [(config, seed) for seed in range(args.seeds) for config in args.configs]
-    start = time.time()
-    for i, (config, seed) in enumerate(plan):
-        name = config["config"]
-        run_dir = out_root / f"{name}-seed{seed}"
-        argv = train_argv(args, arch, config, seed, run_dir)
-        result_file = run_dir / "claim_result.json"
-        cached = cached_run(result_file, argv, len(test.images))
-        if cached is not None:
-            runs.append(cached)
-            print(f"[{i + 1}/{len(plan)}] {name} seed {seed}: reused {result_file}", flush=True)
-            continue
-        print(f"[{i + 1}/{len(plan)}] {name} seed {seed}: training {args.steps} steps "
-              f"({time.time() - start:.0f} s elapsed)", flush=True)
-        t0 = time.time()
-        train.main(argv)
-        train_seconds = time.time() - t0
+    def score(config, seed, run_dir):
         model = DQVAEModel.from_pretrained(run_dir).to(device)
         budget = measure_budget(model, test.images, args.eval_batch_size, device)
         with torch.no_grad():
@@ -206,19 +175,20 @@ def run(args) -> dict:
                                                  device=device)
         metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         metrics.update(tokens_per_image=budget["tokens_per_image"], fine_share=budget["fine_share"])
-        result = {"config": name, "router": config["router"], "fine_ratio": config["fine_ratio"], "seed": seed,
-                  "coarse_grid": model.coarse_grid_size, "fine_grid": model.fine_grid_size,
+        result = {"config": config["config"], "router": config["router"], "fine_ratio": config["fine_ratio"],
+                  "seed": seed, "coarse_grid": model.coarse_grid_size, "fine_grid": model.fine_grid_size,
                   "entropy_threshold": (model.config.entropy_threshold
                                         if model.config.router_type == "entropy" else None),
                   "tokens_min": budget["tokens_min"], "tokens_max": budget["tokens_max"],
-                  "parameters": sum(p.numel() for p in model.parameters()), "train_seconds": round(train_seconds, 1),
-                  "test_images": len(test.images), "train_argv": argv, "metrics": metrics}
-        result_file.write_text(json.dumps(result, indent=2) + "\n")
-        runs.append(result)
-        print(f"    {budget['tokens_per_image']:.1f} tokens/img  PSNR {metrics['psnr']:.2f}  SSIM {metrics['ssim']:.4f}"
-              f"  rFID {metrics.get('rfid', float('nan')):.2f}  ({train_seconds:.0f} s training)", flush=True)
-        write_outputs(args, arch, runs, out_root, len(test.images), final=False)
-    return write_outputs(args, arch, runs, out_root, len(test.images), final=True)
+                  "parameters": sum(p.numel() for p in model.parameters()), "metrics": metrics}
+        return result, (f"{budget['tokens_per_image']:.1f} tokens/img  PSNR {metrics['psnr']:.2f}  "
+                        f"SSIM {metrics['ssim']:.4f}  rFID {metrics.get('rfid', float('nan')):.2f}")
+
+    plan = [(config["config"], seed, out_root / f"{config['config']}-seed{seed}",
+             train_argv(args, arch, config, seed, out_root / f"{config['config']}-seed{seed}"), config)
+            for seed in range(args.seeds) for config in args.configs]
+    return run_plan(plan, train, args.steps, len(test.images), score,
+                    lambda runs, final: write_outputs(args, arch, runs, out_root, len(test.images), final))
 
 
 def write_outputs(args, arch: dict, runs: list[dict], out_root: Path, num_test: int, final: bool) -> dict:

@@ -13,12 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import time
 from pathlib import Path
 
-from .common import (add_common_arguments, cached_run, check_common_arguments, format_table, load_training_script,
-                     metric_cell, plot_points, resolve_device, summarize)
+from .common import (add_common_arguments, check_common_arguments, format_table, metric_cell, plot_points,
+                     reconstruction_setup, run_plan, summarize)
 
 # 64x64 -> 8x8 without the quantizer (set per configuration). Full: the bundled rq-emoji-64 tokenizer at twice
 # its width in the first levels; quick: narrower, without attention, so 18 runs fit in ~15 CPU minutes.
@@ -68,41 +66,12 @@ def run(args) -> dict:
 
     from hf_rq import RQVAEModel
     from hf_rq.evaluation import evaluator as ev
-    from hf_rq.evaluation.data import load_imagefolder
 
-    device = resolve_device(args.device)
-    arch = dict(RQ_QUICK_ARCH if args.quick else RQ_FULL_ARCH)
-    if args.model_config:
-        arch.update(json.loads(Path(args.model_config).read_text() if os.path.isfile(args.model_config)
-                               else args.model_config))
-        arch.pop("code_depth", None), arch.pop("codebook_size", None)
-    out_root = Path(args.output_dir)
-    out_root.mkdir(parents=True, exist_ok=True)
-    train = load_training_script("train_tokenizer")
-    test = load_imagefolder(args.data, args.split, size=args.resolution, max_images=args.max_test_images)
-    extractor = ev.load_feature_extractor("classifier", classifier=args.classifier, device=device) \
-        if args.classifier != "none" else None
+    device, arch, out_root, train, test, extractor = reconstruction_setup(
+        args, RQ_QUICK_ARCH if args.quick else RQ_FULL_ARCH, ("code_depth", "codebook_size"))
 
-    runs = []
-    # Seed-major, and the outputs are rewritten after every run: a benchmark stopped early still has every
-    # configuration at its first seeds.
-    plan = [(spec, seed) for seed in range(args.seeds) for spec in args.configs]
-    start = time.time()
-    for i, ((depth, size), seed) in enumerate(plan):
-        name = f"{depth}x{size}"
-        run_dir = out_root / f"{name}-seed{seed}"
-        argv = train_argv(args, arch, depth, size, seed, run_dir)
-        result_file = run_dir / "claim_result.json"
-        cached = cached_run(result_file, argv, len(test.images))
-        if cached is not None:
-            runs.append(cached)
-            print(f"[{i + 1}/{len(plan)}] {name} seed {seed}: reused {result_file}", flush=True)
-            continue
-        print(f"[{i + 1}/{len(plan)}] {name} seed {seed}: training {args.steps} steps "
-              f"({time.time() - start:.0f} s elapsed)", flush=True)
-        t0 = time.time()
-        train.main(argv)
-        train_seconds = time.time() - t0
+    def score(config, seed, run_dir):
+        depth, size = config
         model = RQVAEModel.from_pretrained(run_dir).to(device)
         with torch.no_grad():
             codes = model(test.images[:1].to(device).float() / 255 * 2 - 1).codes
@@ -110,17 +79,18 @@ def run(args) -> dict:
                                                  device=device)
         grid = list(codes.shape[1:3])
         bits = grid[0] * grid[1] * depth * math.log2(size)
-        result = {"config": name, "depth": depth, "codebook_size": size, "seed": seed, "grid": grid,
+        result = {"config": f"{depth}x{size}", "depth": depth, "codebook_size": size, "seed": seed, "grid": grid,
                   "bits_per_image": int(bits) if bits.is_integer() else round(bits, 1),
-                  "parameters": sum(p.numel() for p in model.parameters()), "train_seconds": round(train_seconds, 1),
-                  "test_images": len(test.images), "train_argv": argv,
+                  "parameters": sum(p.numel() for p in model.parameters()),
                   "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
-        result_file.write_text(json.dumps(result, indent=2) + "\n")
-        runs.append(result)
-        print(f"    PSNR {metrics['psnr']:.2f}  SSIM {metrics['ssim']:.4f}  rFID {metrics.get('rfid', float('nan')):.2f}"
-              f"  ({train_seconds:.0f} s training)", flush=True)
-        write_outputs(args, arch, runs, out_root, len(test.images), final=False)
-    return write_outputs(args, arch, runs, out_root, len(test.images), final=True)
+        return result, (f"PSNR {metrics['psnr']:.2f}  SSIM {metrics['ssim']:.4f}  "
+                        f"rFID {metrics.get('rfid', float('nan')):.2f}")
+
+    plan = [(f"{depth}x{size}", seed, out_root / f"{depth}x{size}-seed{seed}",
+             train_argv(args, arch, depth, size, seed, out_root / f"{depth}x{size}-seed{seed}"), (depth, size))
+            for seed in range(args.seeds) for depth, size in args.configs]
+    return run_plan(plan, train, args.steps, len(test.images), score,
+                    lambda runs, final: write_outputs(args, arch, runs, out_root, len(test.images), final))
 
 
 def write_outputs(args, arch: dict, runs: list[dict], out_root: Path, num_test: int, final: bool) -> dict:

@@ -167,6 +167,20 @@ def check_sampling_value(name: str, value, depth: int | None = None):
     return rule(value, name)
 
 
+def check_null_class_config(config) -> None:
+    """A prior config's class-guidance fields (``num_classes``, ``use_null_class``, ``class_dropout_prob``), one
+    rule for RQ and DQ: the null class (the unconditional branch of guidance) needs classes, and class dropout
+    needs the null class to drop labels to."""
+    if config.num_classes < 0:
+        raise ValueError(f"num_classes must be >= 0 (0 = unconditional), got {config.num_classes}")
+    if config.use_null_class and config.num_classes == 0:
+        raise ValueError("use_null_class needs a class-conditional model (num_classes > 0)")
+    if not 0.0 <= config.class_dropout_prob < 1.0:
+        raise ValueError(f"class_dropout_prob must be in [0, 1), got {config.class_dropout_prob}")
+    if config.class_dropout_prob > 0 and not config.use_null_class:
+        raise ValueError("class_dropout_prob > 0 needs use_null_class=True (dropped labels become the null class)")
+
+
 def prepare_generation_config(model, generation_config, kwargs: dict, allowed=None, defaults=None):
     """The ``GenerationConfig`` one ``generate()`` call uses: a copy of ``generation_config`` (else the model's own),
     with ``defaults`` filled where the stored config predates a field, then ``kwargs`` on top.

@@ -34,6 +34,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from ..hub import BundledModelsMixin
+from ..sampling_args import check_null_class_config
 from ..transformer_blocks import GPTStack
 # The sampler lives in .generation; DQTransformerGenerateOutput and authors_top_p stay importable from here.
 from .generation import DQ_GENERATION_DEFAULTS, DQGenerationMixin, DQTransformerGenerateOutput, authors_top_p  # noqa: F401
@@ -103,19 +104,12 @@ class DQTransformerConfig(PreTrainedConfig):
                 raise ValueError(f"DQTransformerConfig.{key} must be >= 1, got {getattr(self, key)}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
-        if self.num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0 (0 = unconditional), got {self.num_classes}")
         if self.text_feature_size < 0 or (self.text_feature_size and self.num_classes):
             raise ValueError(f"text_feature_size must be >= 0 and a text model has num_classes = 0, got "
                              f"text_feature_size={self.text_feature_size}, num_classes={self.num_classes}")
         if self.fine_position_order not in FINE_POSITION_ORDERS:
             raise ValueError(f"fine_position_order must be one of {FINE_POSITION_ORDERS}, got {self.fine_position_order!r}")
-        if self.use_null_class and self.num_classes == 0:
-            raise ValueError("use_null_class needs a class-conditional model (num_classes > 0)")
-        if not 0.0 <= self.class_dropout_prob < 1.0:
-            raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
-        if self.class_dropout_prob > 0 and not self.use_null_class:
-            raise ValueError("class_dropout_prob > 0 needs use_null_class=True (dropped labels become the null class)")
+        check_null_class_config(self)
 
     @property
     def vocabulary(self) -> DQVocabulary:

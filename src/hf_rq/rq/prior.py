@@ -26,6 +26,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from ..hub import BundledModelsMixin
+from ..sampling_args import check_null_class_config
 from ..transformer_blocks import GPTStack
 # The sampler lives in .generation; RQTransformerGenerateOutput and draw_rq_code stay importable from here.
 from .generation import RQGenerationMixin, RQTransformerGenerateOutput, draw_rq_code  # noqa: F401
@@ -104,14 +105,7 @@ class RQTransformerConfig(PreTrainedConfig):
         for key in ("num_attention_heads", "num_depth_attention_heads"):
             if self.hidden_size % getattr(self, key):
                 raise ValueError(f"hidden_size {self.hidden_size} is not divisible by {key}={getattr(self, key)}")
-        if self.num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0 (0 = unconditional), got {self.num_classes}")
-        if self.use_null_class and self.num_classes == 0:
-            raise ValueError("use_null_class needs a class-conditional model (num_classes > 0)")
-        if not 0.0 <= self.class_dropout_prob < 1.0:
-            raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
-        if self.class_dropout_prob > 0 and not self.use_null_class:
-            raise ValueError("class_dropout_prob > 0 needs use_null_class=True (dropped labels become the null class)")
+        check_null_class_config(self)
         validate_text_config(self)
 
     @property

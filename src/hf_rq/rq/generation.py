@@ -21,7 +21,7 @@ from transformers.utils import ModelOutput
 from ..editing import KnownTokens, check_known_tokens
 from ..kv_cache import StaticKVCache, compile_decoding_step
 from ..pipeline_utils import resolve_generation_labels
-from ..sampling import multinomial_rows, top_k_logits, uniform_rows
+from ..sampling import multinomial_rows, nucleus_draw, top_k_logits, uniform_rows
 from ..sampling_args import check_compile, check_generator, validate_generation_config
 from ..transformer_blocks import fused_qkv_projections
 
@@ -293,8 +293,9 @@ def draw_rq_code(logits: torch.Tensor, temperature: float = 1.0, top_k: int | No
     softmax, top-p dropping a token once the sorted mass before it reaches ``p``), but in one pass: the
     nucleus is a prefix of the sorted probabilities, so a single uniform number is located in their
     cumulative sum (already needed for the nucleus), instead of masking, scattering back, renormalising
-    and letting ``torch.multinomial`` sort out a second cumulative sum. At K = 16384 the filter is a large
-    share of each of the ``h*w*D`` steps. ``do_sample=False`` is the arg-max (the filters keep the maximum).
+    and letting ``torch.multinomial`` sort out a second cumulative sum (:func:`hf_rq.sampling.nucleus_draw`,
+    which at large K sorts only the two small stretches of the row where the nucleus ends and the number lands).
+    ``do_sample=False`` is the arg-max (the filters keep the maximum).
     ``generator``: one ``torch.Generator`` or a list with one per row (``hf_rq.sampling.uniform_rows``).
     """
     if not do_sample:
@@ -305,10 +306,4 @@ def draw_rq_code(logits: torch.Tensor, temperature: float = 1.0, top_k: int | No
     probs = torch.softmax(top_k_logits(logits, top_k), dim=-1)
     if top_p is None:
         return multinomial_rows(probs, generator)  # drawn where the generator lives
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    cumulative = sorted_probs.cumsum(dim=-1)
-    kept = ((cumulative - sorted_probs) < top_p).sum(dim=-1, keepdim=True)  # >= 1: the top token always stays
-    mass = cumulative.gather(-1, kept - 1)
-    u = uniform_rows(mass.shape[0], generator, probs.device) * mass
-    index = torch.searchsorted(cumulative, u, right=True).clamp_(max=kept - 1)
-    return order.gather(-1, index).squeeze(-1)
+    return nucleus_draw(probs, top_p, uniform_rows(probs.shape[0], generator, probs.device))

@@ -231,33 +231,39 @@ class RQGenerationMixin:
             for j in range(x.shape[1] - 1):
                 spatial_step(x[:, j:j + 1])
             x = x[:, -1:]
+        # Written in place at every step instead of fresh tensors, list appends, stack and cat: the position's
+        # codewords (guidance rows duplicated), the running sum of the chosen ones (the next depth slot reads its
+        # projection) and the next input of each stack. Same additions in the same order as the formulas.
+        codewords = torch.empty(B, D, self.code_embeddings.shape[-1], dtype=dtype, device=device)
+        running = torch.empty_like(codewords[:, 0])
+        depth_in = torch.empty(B, spatial_pos.shape[-1], dtype=dtype, device=device)
+        spatial_in = torch.empty_like(depth_in)
         positions = range(T) if progress_bar is None else progress_bar(range(T))
         for t in positions:
             context = spatial_step(x)[:, -1:]  # (B, 1, E): only the new tokens run
             need_depth = not known.step_all[t] or logits_out is not None
-            codewords = []
             if need_depth:
                 depth_cache.rewind()
                 y = context + depth_pos[0]
-                running = None
                 for d in range(D):
                     logits = depth_step(y)
                     code = self._choose(logits, codes, logits_out, t, d, known, filters, do_sample,
                                         guidance_scale, generator)
-                    e = self._embed_depth(code, d)
+                    codewords[:N, d] = self._embed_depth(code, d)
                     if dup == 2:
-                        e = torch.cat([e, e])
-                    codewords.append(e)
+                        codewords[N:, d] = codewords[:N, d]
                     if d < D - 1:
-                        running = e if running is None else running + e
-                        y = proj_depth(running)[:, None] + depth_pos[d + 1]
-                codewords = torch.stack(codewords, dim=1)  # (B, D, C)
+                        if d == 0:
+                            running.copy_(codewords[:, 0])
+                        else:
+                            running.add_(codewords[:, d])
+                        y = torch.add(proj_depth(running), depth_pos[d + 1], out=depth_in)[:, None]
             else:
-                codewords = self.embed_codes(codes[:, t])
+                codewords[:N] = self.embed_codes(codes[:, t])
                 if dup == 2:
-                    codewords = torch.cat([codewords, codewords])
+                    codewords[N:] = codewords[:N]
             if t < T - 1:
-                x = (proj_in(codewords).sum(dim=1) + spatial_pos[t])[:, None]
+                x = torch.add(proj_in(codewords).sum(dim=1), spatial_pos[t], out=spatial_in)[:, None]
 
     def _decode_uncached(self, rows, codes, known, logits_out, filters, do_sample, guidance_scale, generator,
                          progress_bar):

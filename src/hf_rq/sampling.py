@@ -110,6 +110,8 @@ def _nucleus_bucketed(probs: torch.Tensor, top_p: float, u: torch.Tensor) -> tor
     sums = probs.new_zeros(B, _NUM_BUCKETS, dtype=torch.float64).scatter_add_(1, bucket.long(), probs.double())
     ends = sums.cumsum(dim=-1)  # exact running sums at bucket ends (the last bucket's is not used: maybe inexact)
     starts = ends - sums
+    if bool((ends[:, last - 1] >= 1.5).any()):  # not probabilities: sums near 2 would no longer be exact
+        return _nucleus_sorted(probs, top_p, u)
 
     # 1. The nucleus: tokens whose mass before is < p. Before bucket ``lo`` every token is kept (running sums
     # <= p - margin), from bucket ``hi + 1`` on none is (mass before >= p + margin); sort the buckets between.
@@ -150,12 +152,14 @@ def nucleus_draw(probs: torch.Tensor, top_p: float, u: torch.Tensor) -> torch.Lo
     Tokens are ordered by descending probability (equal ones by token id); a token is kept while the sorted
     mass before it is ``< top_p`` (the top token always is); ``u`` `(B, 1)` uniform in [0, 1) picks the first
     sorted token whose cumulative probability exceeds ``u`` times the kept mass. Large vocabularies take the
-    bucketed path (same token, bit for bit; see the comment above), small ones one stable sort.
+    bucketed path on CPU (same token, bit for bit; see the comment above), small ones and other devices one
+    stable sort.
     """
     probs = probs.float().contiguous()
     B, K = probs.shape
-    # the window keys pack row, probability bits (31) and token id into one int64
-    if K < _BUCKETED_MIN_VOCAB or B.bit_length() + K.bit_length() > 32:
+    # CPU only: the exactness argument is about the CPU cumsum (float64 accumulator); CUDA accumulates float32
+    # in a parallel scan, and sorts fast. The window keys pack row, probability bits (31) and token id in an int64.
+    if probs.device.type != "cpu" or K < _BUCKETED_MIN_VOCAB or B.bit_length() + K.bit_length() > 32:
         return _nucleus_sorted(probs, top_p, u)
     return _nucleus_bucketed(probs, top_p, u)
 

@@ -62,7 +62,8 @@ def rq_filter_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int |
 #   whatever the order of summation. Smaller probabilities share one last bucket, only ever sorted, never summed
 #   out of order.
 # * The nucleus ends, and ``u * mass`` lands, inside buckets found from those edge sums; only those buckets are
-#   sorted (``topk`` of their keys) and their running sum continued from the exact edge value, as the cumsum does.
+#   sorted (one 1-D sort of int64 keys: row, probability bits, token id) and their running sum continued from the
+#   exact edge value, as the cumsum does. The test suite checks the token against the full sort on many row shapes.
 _BUCKET_SHIFT = 16  # a bucket spans 2**16 float32 bit patterns: a factor 2**(1/128), 0.5% of the value
 _NUM_BUCKETS = 2048  # 16 octaves below the row's largest probability; the rest go to the last bucket
 _EXACT_MIN_BITS = (127 - 29) << 23  # float32 bits of 2**-29

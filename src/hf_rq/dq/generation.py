@@ -11,6 +11,7 @@ this file as its sampling procedure.
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -22,6 +23,7 @@ from ..kv_cache import StaticKVCache
 from ..pipeline_utils import resolve_generation_labels
 from ..sampling import sample_tokens, top_k_logits
 from ..sampling_args import check_generator, prepare_generation_config, validate_generation_config
+from ..transformer_blocks import fused_qkv_projections
 from .editing import DQKnownTokens
 from .text_conditioning import check_text_features
 from .tokens import DQTokens, tokens_to_codes, upsample_granularity
@@ -218,127 +220,131 @@ class DQGenerationMixin:
             probs = authors_top_p(torch.softmax(logits, dim=-1), p)
             return sample_tokens(probs, generator, do_sample)
 
-        known = None
-        if known_codes is not None or known_granularity is not None or known_regions is not None:
-            if known_codes is None or known_granularity is None or known_regions is None:
-                raise ValueError("editing needs known_codes, known_granularity and known_regions together")
-            if known_codes.shape[0] != B:
-                raise ValueError(f"known_codes holds {known_codes.shape[0]} images for a batch of {B}")
-            known = DQKnownTokens(known_codes.to(device), known_granularity.to(device), known_regions, v,
-                                  c.fine_position_order)
-        engine = _CachedEngine(self, rows.numel(), prefix) if gc.use_cache is not False else _FullEngine(self, prefix)
-        scores = ([], []) if gc.output_scores else None
-        content_start, coarse_start, fine_start = v.start_tokens(rows)
-        seq = _Sequence(content_start, coarse_start)
-        coarse_start = coarse_start[:B]
-        index = torch.arange(v.fine_position_vocab_size, device=device)
-        content_index = torch.arange(v.content_vocab_size, device=device)
-        content_open = content_index < c.codebook_size  # never the pad K, the end K+1 or a class token
-        content_pad_only = content_index == v.content_pad
-        steps = range(v.num_coarse_positions + v.num_fine_positions + 2)
-        steps = iter(steps if progress_bar is None else progress_bar(steps))
+        # One q/k/v matmul per attention while decoding with the caches (hf_rq.transformer_blocks:
+        # fused_qkv_projections, bit-identical); the uncached engine stays the authors' three matmuls.
+        cached = gc.use_cache is not False
+        with fused_qkv_projections(self.position_transformer, self.content_transformer) if cached else nullcontext():
+            known = None
+            if known_codes is not None or known_granularity is not None or known_regions is not None:
+                if known_codes is None or known_granularity is None or known_regions is None:
+                    raise ValueError("editing needs known_codes, known_granularity and known_regions together")
+                if known_codes.shape[0] != B:
+                    raise ValueError(f"known_codes holds {known_codes.shape[0]} images for a batch of {B}")
+                known = DQKnownTokens(known_codes.to(device), known_granularity.to(device), known_regions, v,
+                                      c.fine_position_order)
+            engine = _CachedEngine(self, rows.numel(), prefix) if cached else _FullEngine(self, prefix)
+            scores = ([], []) if gc.output_scores else None
+            content_start, coarse_start, fine_start = v.start_tokens(rows)
+            seq = _Sequence(content_start, coarse_start)
+            coarse_start = coarse_start[:B]
+            index = torch.arange(v.fine_position_vocab_size, device=device)
+            content_index = torch.arange(v.content_vocab_size, device=device)
+            content_open = content_index < c.codebook_size  # never the pad K, the end K+1 or a class token
+            content_pad_only = content_index == v.content_pad
+            steps = range(v.num_coarse_positions + v.num_fine_positions + 2)
+            steps = iter(steps if progress_bar is None else progress_bar(steps))
 
-        def content_step(hidden_rows, next_position, finished):
-            g = engine.content_hidden(seq, hidden_rows, both(next_position))
-            logits = guided(self.content_head(self.content_norm(g)).float())
-            if scores is not None:
-                scores[1].append(logits)
-            # Quirk: the end flag is updated before the content draw, so the content paired with an end position
-            # is the pad K (training used the end code K+1 there).
-            allowed = torch.where(finished[:, None], content_pad_only, content_open)
-            return choose(logits / temperature, allowed, top_k, top_p)
+            def content_step(hidden_rows, next_position, finished):
+                g = engine.content_hidden(seq, hidden_rows, both(next_position))
+                logits = guided(self.content_head(self.content_norm(g)).float())
+                if scores is not None:
+                    scores[1].append(logits)
+                # Quirk: the end flag is updated before the content draw, so the content paired with an end position
+                # is the pad K (training used the end code K+1 there).
+                allowed = torch.where(finished[:, None], content_pad_only, content_open)
+                return choose(logits / temperature, allowed, top_k, top_p)
 
-        # ---- coarse phase: until every image has sampled the coarse end position
-        sampled_coarse = torch.zeros(B, v.fine_position_vocab_size, dtype=torch.bool, device=device)
-        sampled_coarse[torch.arange(B, device=device), coarse_start] = True  # the start token counts as sampled
-        # Quirk (off-by-one in the authors' mask): every index >= Nc - 1 is masked, so the last coarse cell can
-        # never be sampled as coarse (it is always fine); the end token Nc + 1 is restored.
-        coarse_open = (index < v.num_coarse_positions - 1) | (index == v.coarse_eos)
-        coarse_pad_only = index == v.coarse_pad
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
-        while not finished.all():
-            next(steps, None)
-            self._check_length(seq.length)
-            h = engine.position_hidden(seq)
-            logits = guided(self.position_head(self.position_norm(h[:, -1])).float())
-            if scores is not None:
-                scores[0].append(logits)
-            allowed = torch.where(finished[:, None], coarse_pad_only, coarse_open & ~sampled_coarse)
-            if known is not None:
-                allowed = known.restrict(allowed, finished, fine=False)
-            position = choose(logits / temperature, allowed, pos_top_k, pos_top_p)
-            sampled_coarse[torch.arange(B, device=device), position] = True
-            finished = finished | (position == v.coarse_eos)
-            code = content_step(h, position, finished)
-            if known is not None:
-                code = known.keep(position, code, fine=False)
-            seq.content.append(both(code))
-            seq.position.append(both(position))
-
-        # ---- fine phase
-        num_coarse = seq.length
-        coarse_cells = torch.stack(seq.position[1:], 1)[:B]
-        is_coarse = torch.zeros(B, v.num_coarse_positions + 2, dtype=torch.bool, device=device)
-        is_coarse.scatter_(1, coarse_cells.clamp(max=v.num_coarse_positions + 1), coarse_cells < v.num_coarse_positions)
-        coarse_up = upsample_granularity(is_coarse[:, : v.num_coarse_positions].reshape(B, c.coarse_grid_size, -1))
-        coarse_up = coarse_up.reshape(B, -1)  # (B, Nf): fine cells inside sampled coarse cells
-        seq.num_coarse = num_coarse
-        seq.content.append(content_start)
-        seq.position.append(fine_start)
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
-        if gc.fix_fine_position:
-            fixed = self._remaining_fine_positions(coarse_up)
-        else:
-            forbidden = torch.zeros(B, v.fine_position_vocab_size, dtype=torch.bool, device=device)
-            forbidden[:, : v.num_fine_positions] = coarse_up
-            if c.num_classes > 0:
-                # Quirk: the class model seeds its "already used" fine positions with the *coarse*-position start
-                # token Nc + 2 + c read as a fine index, which forbids one legitimate fine cell per class when
-                # Nc + 2 + c < Nf. (The unconditional model seeds it with its own fine start token: no effect.)
-                forbidden[torch.arange(B, device=device), coarse_start] = True
-            fine_open = (index != v.fine_pad) & (index <= v.fine_eos)
-            fine_pad_only = index == v.fine_pad
-        j = 0
-        while not finished.all():
-            next(steps, None)
-            self._check_length(seq.length)
-            h = engine.position_hidden(seq)
-            if gc.fix_fine_position:
-                # Fixed positions: the position stack still runs (its hidden state feeds the content stack).
-                position = fixed[:, j]
-            else:
+            # ---- coarse phase: until every image has sampled the coarse end position
+            sampled_coarse = torch.zeros(B, v.fine_position_vocab_size, dtype=torch.bool, device=device)
+            sampled_coarse[torch.arange(B, device=device), coarse_start] = True  # the start token counts as sampled
+            # Quirk (off-by-one in the authors' mask): every index >= Nc - 1 is masked, so the last coarse cell can
+            # never be sampled as coarse (it is always fine); the end token Nc + 1 is restored.
+            coarse_open = (index < v.num_coarse_positions - 1) | (index == v.coarse_eos)
+            coarse_pad_only = index == v.coarse_pad
+            finished = torch.zeros(B, dtype=torch.bool, device=device)
+            while not finished.all():
+                next(steps, None)
+                self._check_length(seq.length)
+                h = engine.position_hidden(seq)
                 logits = guided(self.position_head(self.position_norm(h[:, -1])).float())
                 if scores is not None:
                     scores[0].append(logits)
-                allowed = fine_open & ~forbidden
-                allowed[:, v.fine_eos] = True  # the end position stays allowed
-                allowed = torch.where(finished[:, None], fine_pad_only, allowed)
+                allowed = torch.where(finished[:, None], coarse_pad_only, coarse_open & ~sampled_coarse)
                 if known is not None:
-                    allowed = known.restrict(allowed, finished, fine=True)
+                    allowed = known.restrict(allowed, finished, fine=False)
                 position = choose(logits / temperature, allowed, pos_top_k, pos_top_p)
-                forbidden[torch.arange(B, device=device), position] = True
-            finished = finished | (position == v.fine_eos)
-            code = content_step(h, position, finished)
-            if known is not None:
-                code = known.keep(position, code, fine=True)
-            seq.content.append(both(code))
-            seq.position.append(both(position))
-            j += 1
+                sampled_coarse[torch.arange(B, device=device), position] = True
+                finished = finished | (position == v.coarse_eos)
+                code = content_step(h, position, finished)
+                if known is not None:
+                    code = known.keep(position, code, fine=False)
+                seq.content.append(both(code))
+                seq.position.append(both(position))
 
-        tokens = DQTokens(
-            coarse_content=torch.stack(seq.content[1:num_coarse], 1)[:B],
-            coarse_position=torch.stack(seq.position[1:num_coarse], 1)[:B],
-            fine_content=torch.stack(seq.content[num_coarse + 1:], 1)[:B],
-            fine_position=torch.stack(seq.position[num_coarse + 1:], 1)[:B],
-        )
-        codes, granularity = tokens_to_codes(tokens, c.codebook_size, c.coarse_grid_size)
-        if not gc.return_dict_in_generate:
-            return codes, granularity
-        return DQTransformerGenerateOutput(
-            codes=codes, granularity=granularity, tokens=tokens,
-            position_scores=tuple(scores[0]) if scores is not None else None,
-            content_scores=tuple(scores[1]) if scores is not None else None,
-        )
+            # ---- fine phase
+            num_coarse = seq.length
+            coarse_cells = torch.stack(seq.position[1:], 1)[:B]
+            is_coarse = torch.zeros(B, v.num_coarse_positions + 2, dtype=torch.bool, device=device)
+            is_coarse.scatter_(1, coarse_cells.clamp(max=v.num_coarse_positions + 1), coarse_cells < v.num_coarse_positions)
+            coarse_up = upsample_granularity(is_coarse[:, : v.num_coarse_positions].reshape(B, c.coarse_grid_size, -1))
+            coarse_up = coarse_up.reshape(B, -1)  # (B, Nf): fine cells inside sampled coarse cells
+            seq.num_coarse = num_coarse
+            seq.content.append(content_start)
+            seq.position.append(fine_start)
+            finished = torch.zeros(B, dtype=torch.bool, device=device)
+            if gc.fix_fine_position:
+                fixed = self._remaining_fine_positions(coarse_up)
+            else:
+                forbidden = torch.zeros(B, v.fine_position_vocab_size, dtype=torch.bool, device=device)
+                forbidden[:, : v.num_fine_positions] = coarse_up
+                if c.num_classes > 0:
+                    # Quirk: the class model seeds its "already used" fine positions with the *coarse*-position start
+                    # token Nc + 2 + c read as a fine index, which forbids one legitimate fine cell per class when
+                    # Nc + 2 + c < Nf. (The unconditional model seeds it with its own fine start token: no effect.)
+                    forbidden[torch.arange(B, device=device), coarse_start] = True
+                fine_open = (index != v.fine_pad) & (index <= v.fine_eos)
+                fine_pad_only = index == v.fine_pad
+            j = 0
+            while not finished.all():
+                next(steps, None)
+                self._check_length(seq.length)
+                h = engine.position_hidden(seq)
+                if gc.fix_fine_position:
+                    # Fixed positions: the position stack still runs (its hidden state feeds the content stack).
+                    position = fixed[:, j]
+                else:
+                    logits = guided(self.position_head(self.position_norm(h[:, -1])).float())
+                    if scores is not None:
+                        scores[0].append(logits)
+                    allowed = fine_open & ~forbidden
+                    allowed[:, v.fine_eos] = True  # the end position stays allowed
+                    allowed = torch.where(finished[:, None], fine_pad_only, allowed)
+                    if known is not None:
+                        allowed = known.restrict(allowed, finished, fine=True)
+                    position = choose(logits / temperature, allowed, pos_top_k, pos_top_p)
+                    forbidden[torch.arange(B, device=device), position] = True
+                finished = finished | (position == v.fine_eos)
+                code = content_step(h, position, finished)
+                if known is not None:
+                    code = known.keep(position, code, fine=True)
+                seq.content.append(both(code))
+                seq.position.append(both(position))
+                j += 1
+
+            tokens = DQTokens(
+                coarse_content=torch.stack(seq.content[1:num_coarse], 1)[:B],
+                coarse_position=torch.stack(seq.position[1:num_coarse], 1)[:B],
+                fine_content=torch.stack(seq.content[num_coarse + 1:], 1)[:B],
+                fine_position=torch.stack(seq.position[num_coarse + 1:], 1)[:B],
+            )
+            codes, granularity = tokens_to_codes(tokens, c.codebook_size, c.coarse_grid_size)
+            if not gc.return_dict_in_generate:
+                return codes, granularity
+            return DQTransformerGenerateOutput(
+                codes=codes, granularity=granularity, tokens=tokens,
+                position_scores=tuple(scores[0]) if scores is not None else None,
+                content_scores=tuple(scores[1]) if scores is not None else None,
+            )
 
     def _generate_per_image(self, ids: torch.LongTensor, gc: GenerationConfig, generators: list, progress_bar,
                             text_features=None, known=(None, None, None)):

@@ -20,7 +20,7 @@ from transformers.utils import ModelOutput
 from ..editing import KnownTokens, check_known_tokens
 from ..kv_cache import StaticKVCache, compile_decoding_step
 from ..pipeline_utils import resolve_generation_labels
-from ..sampling import multinomial_rows, top_k_logits, uniform_rows
+from ..sampling import multinomial_rows, nucleus_draw, top_k_logits, uniform_rows
 from ..sampling_args import check_compile, check_generator, prepare_generation_config, validate_generation_config
 from ..transformer_blocks import fused_qkv_projections
 
@@ -227,33 +227,39 @@ class RQGenerationMixin:
             for j in range(x.shape[1] - 1):
                 spatial_step(x[:, j:j + 1])
             x = x[:, -1:]
+        # Written in place at every step instead of fresh tensors, list appends, stack and cat: the position's
+        # codewords (guidance rows duplicated), the running sum of the chosen ones (the next depth slot reads its
+        # projection) and the next input of each stack. Same additions in the same order as the formulas.
+        codewords = torch.empty(B, D, self.code_embeddings.shape[-1], dtype=dtype, device=device)
+        running = torch.empty_like(codewords[:, 0])
+        depth_in = torch.empty(B, spatial_pos.shape[-1], dtype=dtype, device=device)
+        spatial_in = torch.empty_like(depth_in)
         positions = range(T) if progress_bar is None else progress_bar(range(T))
         for t in positions:
             context = spatial_step(x)[:, -1:]  # (B, 1, E): only the new tokens run
             need_depth = not known.step_all[t] or logits_out is not None
-            codewords = []
             if need_depth:
                 depth_cache.rewind()
                 y = context + depth_pos[0]
-                running = None
                 for d in range(D):
                     logits = depth_step(y)
                     code = self._choose(logits, codes, logits_out, t, d, known, filters, do_sample,
                                         guidance_scale, generator)
-                    e = self._embed_depth(code, d)
+                    codewords[:N, d] = self._embed_depth(code, d)
                     if dup == 2:
-                        e = torch.cat([e, e])
-                    codewords.append(e)
+                        codewords[N:, d] = codewords[:N, d]
                     if d < D - 1:
-                        running = e if running is None else running + e
-                        y = proj_depth(running)[:, None] + depth_pos[d + 1]
-                codewords = torch.stack(codewords, dim=1)  # (B, D, C)
+                        if d == 0:
+                            running.copy_(codewords[:, 0])
+                        else:
+                            running.add_(codewords[:, d])
+                        y = torch.add(proj_depth(running), depth_pos[d + 1], out=depth_in)[:, None]
             else:
-                codewords = self.embed_codes(codes[:, t])
+                codewords[:N] = self.embed_codes(codes[:, t])
                 if dup == 2:
-                    codewords = torch.cat([codewords, codewords])
+                    codewords[N:] = codewords[:N]
             if t < T - 1:
-                x = (proj_in(codewords).sum(dim=1) + spatial_pos[t])[:, None]
+                x = torch.add(proj_in(codewords).sum(dim=1), spatial_pos[t], out=spatial_in)[:, None]
 
     def _decode_uncached(self, rows, codes, known, logits_out, filters, do_sample, guidance_scale, generator,
                          progress_bar):
@@ -289,8 +295,9 @@ def draw_rq_code(logits: torch.Tensor, temperature: float = 1.0, top_k: int | No
     softmax, top-p dropping a token once the sorted mass before it reaches ``p``), but in one pass: the
     nucleus is a prefix of the sorted probabilities, so a single uniform number is located in their
     cumulative sum (already needed for the nucleus), instead of masking, scattering back, renormalising
-    and letting ``torch.multinomial`` sort out a second cumulative sum. At K = 16384 the filter is a large
-    share of each of the ``h*w*D`` steps. ``do_sample=False`` is the arg-max (the filters keep the maximum).
+    and letting ``torch.multinomial`` sort out a second cumulative sum (:func:`hf_rq.sampling.nucleus_draw`,
+    which at large K sorts only the two small stretches of the row where the nucleus ends and the number lands).
+    ``do_sample=False`` is the arg-max (the filters keep the maximum).
     ``generator``: one ``torch.Generator`` or a list with one per row (``hf_rq.sampling.uniform_rows``).
     """
     if not do_sample:
@@ -301,10 +308,4 @@ def draw_rq_code(logits: torch.Tensor, temperature: float = 1.0, top_k: int | No
     probs = torch.softmax(top_k_logits(logits, top_k), dim=-1)
     if top_p is None:
         return multinomial_rows(probs, generator)  # drawn where the generator lives
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    cumulative = sorted_probs.cumsum(dim=-1)
-    kept = ((cumulative - sorted_probs) < top_p).sum(dim=-1, keepdim=True)  # >= 1: the top token always stays
-    mass = cumulative.gather(-1, kept - 1)
-    u = uniform_rows(mass.shape[0], generator, probs.device) * mass
-    index = torch.searchsorted(cumulative, u, right=True).clamp_(max=kept - 1)
-    return order.gather(-1, index).squeeze(-1)
+    return nucleus_draw(probs, top_p, uniform_rows(probs.shape[0], generator, probs.device))

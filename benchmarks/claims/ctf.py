@@ -328,7 +328,7 @@ def main(parser, args) -> dict:
     args.tokenizer_arch.pop("codebook_size", None)
     args.ar_arch = {**(AR_QUICK if args.quick else AR_FULL), **(args.ar_config or {})}
     args.aux_arch = {**args.ar_arch, **(args.aux_config or {})}
-    check_common_arguments(parser, args)
+    # Argument-only checks first: they must not depend on whether the data folder exists on this machine.
     if args.classifier == "none":
         parser.error("--classifier none: the CTF claim is scored by the classifier (FID space and class-consistency)")
     if max(args.clusters) >= args.codebook_size:
@@ -336,4 +336,5 @@ def main(parser, args) -> dict:
     for name in ("tokenizer_steps", "images_per_class", "sample_batch_size", "tokenizer_batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be positive")
+    check_common_arguments(parser, args)
     return run(args)

@@ -219,3 +219,20 @@ def run_plan(plan: list[tuple], train, steps: int, num_test: int, score, write) 
         print(f"    {summary}  ({train_seconds:.0f} s training)", flush=True)
         write(runs, final=False)
     return write(runs, final=True)
+
+
+def save_outputs(args, claim: str, out_root: Path, title: str, text: str, rows: list[dict], runs: list[dict],
+                 extra: dict, plot_name: str, draw, final: bool) -> dict:
+    """Write one claim's ``results.json`` (the run settings, ``extra``, the summary rows and every run),
+    ``table.txt`` and its plot (``draw(path)``); print the table when ``final``. Returns the result dict."""
+    if final:
+        print("\n" + title + "\n" + text)
+    result = {"claim": claim, "mode": "quick" if args.quick else "full", "data": str(args.data), "split": args.split,
+              "steps": args.steps, "batch_size": args.batch_size, "seeds": args.seeds, **extra,
+              "feature_space": args.classifier, "summary": rows, "runs": runs}
+    (out_root / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    draw(out_root / plot_name)
+    (out_root / "table.txt").write_text(title + "\n" + text + "\n")
+    if final:
+        print(f"\nwrote {out_root / 'results.json'}, {out_root / 'table.txt'}, {out_root / plot_name}")
+    return result

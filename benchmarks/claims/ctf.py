@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from .common import (add_common_arguments, cached_run, check_common_arguments, format_table, load_training_script,
-                     metric_cell, plot_points, resolve_device, summarize)
+                     metric_cell, plot_points, resolve_device, save_outputs, summarize)
 
 # On a shared CPU, spinning OpenMP waits distort img/s (see benchmarks/bench_ctf_sampling.py); only effective
 # when this module is imported before torch, as reproduce_claims.py does.
@@ -264,25 +264,17 @@ def write_outputs(args, tokenizer: dict, runs: list[dict], out_root: Path, num_t
              f"{n_samples} samples vs {num_test} {args.split} images)")
     tok_line = (f"shared tokenizer: LlamaGen VQ, {args.codebook_size} codes, {args.tokenizer_steps} steps, "
                 f"PSNR {tm['psnr']:.2f} dB, codebook usage {tm['codebook_usage']:.3f}")
-    if final:
-        print("\n" + title + "\n" + tok_line + "\n" + text)
-    result = {"claim": "ctf", "mode": mode, "data": str(args.data), "split": args.split, "steps": args.steps,
-              "batch_size": args.batch_size, "learning_rate": args.learning_rate, "seeds": args.seeds,
-              "ar_architecture": args.ar_arch, "aux_architecture": args.aux_arch,
-              "tokenizer_architecture": args.tokenizer_arch, "tokenizer": tokenizer,
-              "feature_space": args.classifier, "summary": rows, "runs": runs}
-    (out_root / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     # The GPT sits at K = V (every code its own cluster: direct prediction is the limit of the ablation).
     points = [((r["num_clusters"] or args.codebook_size), r.get("fid_mean", float("nan")),
                r.get("fid_std", float("nan")), f"CTF K={r['num_clusters']}" if r["num_clusters"]
                else "GPT, K=V") for r in rows]
     ctf_points = [i for i, r in enumerate(rows) if r["num_clusters"]]
-    plot_points(points, out_root / "fid_vs_clusters.png", title, f"coarse labels K (log scale; the GPT at K = V = {args.codebook_size})",
-                "FID (classifier features)", series={"ctf": ctf_points})
-    (out_root / "table.txt").write_text(title + "\n" + tok_line + "\n" + text + "\n")
-    if final:
-        print(f"\nwrote {out_root / 'results.json'}, {out_root / 'table.txt'}, {out_root / 'fid_vs_clusters.png'}")
-    return result
+    extra = {"learning_rate": args.learning_rate, "ar_architecture": args.ar_arch, "aux_architecture": args.aux_arch,
+             "tokenizer_architecture": args.tokenizer_arch, "tokenizer": tokenizer}
+    xlabel = f"coarse labels K (log scale; the GPT at K = V = {args.codebook_size})"
+    return save_outputs(args, "ctf", out_root, title, tok_line + "\n" + text, rows, runs, extra, "fid_vs_clusters.png",
+                        lambda path: plot_points(points, path, title, xlabel, "FID (classifier features)",
+                                                 series={"ctf": ctf_points}), final)
 
 
 def add_parser(sub) -> None:

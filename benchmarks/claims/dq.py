@@ -35,7 +35,7 @@ import math
 from pathlib import Path
 
 from .common import (add_common_arguments, check_common_arguments, format_table, metric_cell, plot_points,
-                     reconstruction_setup, run_plan, summarize)
+                     reconstruction_setup, run_plan, save_outputs, summarize)
 
 # Strides 16 (coarse) and 8 (fine) as the paper's F16/F8 model, so a 64x64 image has a 4x4 coarse and an 8x8
 # fine grid (16 and 64 tokens). Full: training/configs/dqvae_emoji64.json; quick: half its width (8
@@ -204,15 +204,6 @@ def write_outputs(args, arch: dict, runs: list[dict], out_root: Path, num_test: 
     mode = "quick" if args.quick else "full"
     title = (f"DQ-VAE dynamic vs fixed granularity ({mode}: {args.steps} steps, batch {args.batch_size}, "
              f"{args.seeds} seed(s), {num_test} test images)")
-    if final:
-        print("\n" + title + "\n" + text)
-    result = {"claim": "dq", "mode": mode, "data": str(args.data), "split": args.split, "steps": args.steps,
-              "batch_size": args.batch_size, "seeds": args.seeds, "architecture": arch,
-              "feature_space": args.classifier,
-              "fixed_reference": "<metric>_fixed_reference: the metric linear in log(tokens) between coarse-only and "
-                                 "fine-only (interpolated, not trained); <metric>_vs_fixed = mean - reference",
-              "summary": rows, "runs": runs}
-    (out_root / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     short = {"fixed": "", "entropy": "E ", "feature": "F "}
     points = [(r.get("tokens_per_image_mean", float("nan")), r.get("psnr_mean", float("nan")),
                r.get("psnr_std", float("nan")),
@@ -223,12 +214,12 @@ def write_outputs(args, arch: dict, runs: list[dict], out_root: Path, num_test: 
         series.setdefault(r["router"], []).append(i)
     plot_title = title.replace("DQ-VAE dynamic vs fixed granularity",
                                "DQ-VAE PSNR vs tokens (E = entropy, F = feature)")
-    plot_points(points, out_root / "psnr_vs_tokens.png", plot_title,
-                "tokens per image (log); line coarse-fine: fixed-grain reference", "PSNR (dB)", series=series)
-    (out_root / "table.txt").write_text(title + "\n" + text + "\n")
-    if final:
-        print(f"\nwrote {out_root / 'results.json'}, {out_root / 'table.txt'}, {out_root / 'psnr_vs_tokens.png'}")
-    return result
+    extra = {"architecture": arch,
+             "fixed_reference": "<metric>_fixed_reference: the metric linear in log(tokens) between coarse-only and "
+                                "fine-only (interpolated, not trained); <metric>_vs_fixed = mean - reference"}
+    return save_outputs(args, "dq", out_root, title, text, rows, runs, extra, "psnr_vs_tokens.png",
+                        lambda path: plot_points(points, path, plot_title, "tokens per image (log); line coarse-fine: "
+                                                 "fixed-grain reference", "PSNR (dB)", series=series), final)
 
 
 def add_parser(sub) -> None:

@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 
 from .common import (add_common_arguments, check_common_arguments, format_table, metric_cell, plot_points,
-                     reconstruction_setup, run_plan, summarize)
+                     reconstruction_setup, run_plan, save_outputs, summarize)
 
 # 64x64 -> 8x8 without the quantizer (set per configuration). Full: the bundled rq-emoji-64 tokenizer at twice
 # its width in the first levels; quick: narrower, without attention, so 18 runs fit in ~15 CPU minutes.
@@ -100,19 +100,11 @@ def write_outputs(args, arch: dict, runs: list[dict], out_root: Path, num_test: 
     mode = "quick" if args.quick else "full"
     title = (f"RQ-VAE rate vs distortion ({mode}: {args.steps} steps, batch {args.batch_size}, "
              f"{args.seeds} seed(s), {num_test} test images)")
-    if final:
-        print("\n" + title + "\n" + text)
-    result = {"claim": "rq", "mode": mode, "data": str(args.data), "split": args.split, "steps": args.steps,
-              "batch_size": args.batch_size, "seeds": args.seeds, "architecture": arch,
-              "feature_space": args.classifier, "summary": rows, "runs": runs}
-    (out_root / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     points = [(r["bits_per_image"], r.get("psnr_mean", float("nan")), r.get("psnr_std", float("nan")), r["config"])
               for r in rows]
-    plot_points(points, out_root / "rate_distortion.png", title, "rate (bits per image, log scale)", "PSNR (dB)")
-    (out_root / "table.txt").write_text(title + "\n" + text + "\n")
-    if final:
-        print(f"\nwrote {out_root / 'results.json'}, {out_root / 'table.txt'}, {out_root / 'rate_distortion.png'}")
-    return result
+    return save_outputs(args, "rq", out_root, title, text, rows, runs, {"architecture": arch}, "rate_distortion.png",
+                        lambda path: plot_points(points, path, title, "rate (bits per image, log scale)", "PSNR (dB)"),
+                        final)
 
 
 def add_parser(sub) -> None:

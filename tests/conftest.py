@@ -29,3 +29,20 @@ FIXTURES = Path(__file__).parent / "fixtures"
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+def _load_repo_script(relative_path: str):
+    """A repository script (``training/x.py``, ``benchmarks/x.py``) as a module: the scripts are not a package."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / relative_path
+    spec = importlib.util.spec_from_file_location("_script_" + path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def repo_script():
+    """``repo_script("training/train_prior.py")`` loads a script of the repository as a module."""
+    return _load_repo_script

@@ -3,25 +3,14 @@ seed, a rerun skips what is stored, keywords the pipeline does not take are refu
 training/bundle_default.py --sampling_defaults: the values land in the bundled prior's generation config, which
 the pipeline then uses; a bad value is refused before the bundled copy is touched."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO / "training" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
-def sweep():
-    return _script("sweep_sampling")
+def sweep(repo_script):
+    return repo_script("training/sweep_sampling.py")
 
 
 def test_combinations(sweep):
@@ -55,10 +44,10 @@ def test_unknown_keyword_is_refused(sweep, tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
-def test_bundle_default_writes_sampling_defaults(tmp_path, monkeypatch):
+def test_bundle_default_writes_sampling_defaults(tmp_path, monkeypatch, repo_script):
     from hf_rq import RQTransformerPipeline, hub
 
-    bundle = _script("bundle_default")
+    bundle = repo_script("training/bundle_default.py")
     monkeypatch.setattr(bundle, "BUNDLED", tmp_path)
     source = hub.bundled_path("hf-rq/rq-emoji-64")
     argv = [str(source), "--name", "x", "--data_dir", str(source)]

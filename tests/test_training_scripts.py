@@ -40,16 +40,9 @@ SMALL_PRIOR = ["--lr_warmup_steps", "1", "--cache_batch_size", "8"]
 
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO / "training" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def scripts():
-    return {"train_tokenizer": load_script("train_tokenizer"), "train_prior": load_script("train_prior")}
+def scripts(repo_script):
+    return {name: repo_script(f"training/{name}.py") for name in ("train_tokenizer", "train_prior")}
 
 
 def readme_commands():

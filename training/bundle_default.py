@@ -46,16 +46,14 @@ def to_float16(src: Path, dst: Path) -> int:
 def set_sampling_defaults(pipeline_dir: Path, values: dict, save: bool = True) -> None:
     """Update the prior's saved generation config; a keyword the pipeline's ``__call__`` does not take, or a value
     a call would refuse, is an error (the same rules as at sampling time, per code depth for RQ)."""
-    import inspect
-
     from transformers import GenerationConfig
 
     import hf_rq
+    from hf_rq.pipeline_utils import unknown_call_keywords
     from hf_rq.sampling_args import validate_generation_config
 
     pipeline_cls = getattr(hf_rq, json.loads((pipeline_dir / "model_index.json").read_text())["_class_name"])
-    accepted = inspect.signature(pipeline_cls.__call__).parameters
-    unknown = [k for k in values if k not in accepted]
+    unknown = unknown_call_keywords(pipeline_cls, values)
     if unknown:
         raise ValueError(f"--sampling_defaults: {pipeline_cls.__name__} takes no {', '.join(unknown)}")
     prior_dir = pipeline_dir / "transformer"

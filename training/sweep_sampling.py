@@ -14,7 +14,6 @@ already in ``--output`` as a markdown table (one row per model and setting, the 
 from __future__ import annotations
 
 import argparse
-import inspect
 import itertools
 import json
 import time
@@ -24,6 +23,7 @@ import torch
 
 from hf_rq.evaluation import evaluator as ev
 from hf_rq.hub import load_pipeline
+from hf_rq.pipeline_utils import unknown_call_keywords
 
 KEPT = ("fid", "kid_mean", "precision", "recall", "class_consistency")
 
@@ -66,8 +66,7 @@ def main(argv=None) -> int:
     if not isinstance(grid, dict):
         parser.error("--grid must be a JSON object")
     pipe = load_pipeline(args.model)
-    accepted = inspect.signature(pipe.__call__).parameters
-    unknown = [k for k in grid if k not in accepted]
+    unknown = unknown_call_keywords(pipe, grid)
     if unknown:
         parser.error(f"{type(pipe).__name__} takes no {', '.join(unknown)}")
     classifier = ev.load_classifier(ev.DEFAULT_CLASSIFIER)

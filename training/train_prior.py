@@ -32,7 +32,7 @@ from hf_rq.training import (
     push_folder_to_hub, save_checkpoint, step_generator, training_length, validate_training_arguments,
     write_rank_report,
 )
-from hf_rq.training.priors import PRIORS, copy_matching_weights, get_prior_spec  # noqa: F401 (re-exported)
+from hf_rq.training.priors import PRIORS, get_prior_spec
 from hf_rq.training.text import add_text_arguments, caption_table, load_text_tokenizer
 
 logger = logging.getLogger("train_prior")

@@ -150,3 +150,12 @@ def generation_overrides(**kwargs) -> dict:
         # A list's entries are checked here; whether the prior takes per-depth lists, and of which length, there.
         check_sampling_value(name, value, depth=len(value) if isinstance(value, (list, tuple)) else None)
     return overrides
+
+
+def unknown_call_keywords(pipeline, names) -> list[str]:
+    """The ``names`` that the ``__call__`` of ``pipeline`` (a pipeline or its class) does not take, in order:
+    for scripts that pass sampling settings by name (sweeps, saved defaults) and must refuse a misspelt one."""
+    import inspect
+
+    accepted = inspect.signature(pipeline.__call__).parameters
+    return [name for name in names if name not in accepted]

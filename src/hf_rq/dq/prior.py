@@ -117,7 +117,7 @@ class DQTransformerConfig(PreTrainedConfig):
 
     @property
     def null_class_id(self) -> int | None:
-        return self.num_classes if self.use_null_class else None
+        return self.vocabulary.null_class_id
 
     @property
     def fine_grid_size(self) -> int:

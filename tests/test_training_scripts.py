@@ -375,6 +375,50 @@ def test_fine_tune_tokenizer_from_hub_id(scripts, readme_runs, tmp_path):
     assert not torch.equal(w0, w1) and (w0 - w1).abs().max() < 1e-4  # one tiny step away from the pretrained weights
 
 
+def encoder_side(model, decoder_modules):
+    return {k: v for k, v in model.state_dict().items() if k.split(".")[0] not in decoder_modules}
+
+
+def test_train_decoder_only_keeps_the_codes(scripts, readme_runs, tmp_path):
+    """Decoder-only fine-tuning leaves every encoder-side tensor and every code as it was: the tiny DQ-VAE has a
+    feature router (its gate is sampled in train mode), the RQ-VAE an EMA codebook with restarts."""
+    from hf_rq import DQVAEModel
+    from hf_rq.training import TOKENIZERS
+
+    tt, runs = scripts["train_tokenizer"], readme_runs[0] / "runs"
+    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    base = ["--train_data_dir", str(IMAGES), "--resolution", "16", "--train_batch_size", "2", "--max_train_steps", "2",
+            "--learning_rate", "1e-2", "--perceptual_weight", "0", "--disc_start", "1", "--report_to", "none",
+            "--validation_steps", "2", "--num_validation_images", "2", "--train_decoder_only"]
+    # the README's command (runs/dq-emoji64 is a pipeline: its tokenizer is used), and a wider decoder
+    wider = tmp_path / "dq-wider"
+    tt.main(["--model", "dqvae", "--pretrained_model_name_or_path", str(runs / "dq-emoji64"), *base,
+             "--model_config", '{"decoder_block_out_channels": [16, 32]}', "--output_dir", str(wider)])
+    rq_out = tmp_path / "rq-decoder"
+    tt.main(["--model", "rqvae", "--pretrained_model_name_or_path", str(runs / "rqvae-emoji64"), *base,
+             "--output_dir", str(rq_out)])
+    cases = [("dqvae", DQVAEModel.from_pretrained(runs / "dq-emoji64", subfolder="vqvae"), runs / "dqvae-emoji64-decoder"),
+             ("dqvae", DQVAEModel.from_pretrained(runs / "dq-emoji64", subfolder="vqvae"), wider),
+             ("rqvae", RQVAEModel.from_pretrained(runs / "rqvae-emoji64"), rq_out)]
+    for family, before, folder in cases:
+        after = type(before).from_pretrained(folder).eval()
+        before.eval()
+        modules = TOKENIZERS[family].decoder_modules
+        mine, theirs = encoder_side(after, modules), encoder_side(before, modules)
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), folder
+        with torch.no_grad():
+            out_before, out_after = before(images), after(images)
+        assert torch.equal(out_before.codes, out_after.codes), folder
+        assert not torch.allclose(out_before.sample, out_after.sample), folder  # the decoder did train
+    assert DQVAEModel.from_pretrained(wider).config.decoder_block_out_channels == [16, 32]
+    with pytest.raises(ValueError, match="may only change the decoder.*got \\['block_out_channels'\\]"):
+        tt.main(["--model", "rqvae", "--pretrained_model_name_or_path", str(runs / "rqvae-emoji64"), *base,
+                 "--model_config", '{"block_out_channels": [8, 8]}', "--output_dir", str(tmp_path / "x")])
+    with pytest.raises(SystemExit):  # nothing to keep the codes of
+        tt.main(["--model", "rqvae", "--model_config", TINY_TOKENIZER, *base, "--output_dir", str(tmp_path / "y")])
+    assert not (tmp_path / "x" / "checkpoints").exists() and not (tmp_path / "y").exists()
+
+
 # ------------------------------------------------------------------------------------------- captions
 def caption_folder(tmp_path):
     """fixtures/images with captions, through training/make_caption_metadata.py (as the emoji default is made)."""

@@ -8,6 +8,11 @@
 Loss: reconstruction (MSE or L1) + commitment (+ codebook, + the model's extra loss such as DQ's budget loss)
 + LPIPS + PatchGAN hinge loss with the adaptive weight, from ``--disc_start`` (see hf_rq.training.losses).
 The final model is written to ``--output_dir`` with ``save_pretrained`` (the EMA weights with ``--use_ema``).
+
+``--train_decoder_only`` fine-tunes a pretrained tokenizer's decoder side alone: the encoder and codebook are
+frozen and the whole model runs in eval mode (no codebook EMA updates or restarts, deterministic routing), so
+every image keeps its codes and a prior trained on them stays valid. With it, ``--model_config`` may rebuild a
+wider decoder (``decoder_*`` keys), which then starts fresh where its shapes changed.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ from hf_rq.training import (
     DiscriminatorLoss, NLayerDiscriminator, TokenizerLoss, TokenizerLossConfig, TOKENIZERS, add_data_arguments,
     add_training_arguments, check_parallelism, check_resolution, check_tokenizer_input, codebook_size,
     codebook_statistics, collate, downsample_factor, enable_gradient_checkpointing, last_decoder_layer,
-    load_image_data, load_lpips, log_image_grid, make_accelerator, make_model_card, make_scheduler,
-    parse_config_argument, prepare_resumable_state, push_folder_to_hub, reconstruction_grid_images,
+    freeze_to_decoder, load_image_data, load_lpips, log_image_grid, make_accelerator, make_model_card, make_scheduler,
+    parse_config_argument, with_new_decoder, prepare_resumable_state, push_folder_to_hub, reconstruction_grid_images,
     reconstruction_metrics, save_checkpoint, training_length, validate_training_arguments, write_rank_report,
 )
 
@@ -58,6 +63,9 @@ def parse_args(argv=None):
     g.add_argument("--disc_weight_max", type=float, default=1e4, help="Clamp of the adaptive weight (DQ uses 0.75).")
     g.add_argument("--disc_learning_rate", type=float, default=None, help="Default: --learning_rate.")
     g.add_argument("--max_eval_samples", type=int, default=512, help="Validation images used for PSNR / codebook usage.")
+    parser.add_argument("--train_decoder_only", action="store_true",
+                        help="Fine-tune only the decoder of --pretrained_model_name_or_path (codes unchanged); "
+                             "--model_config may then set decoder_* keys to rebuild a larger decoder.")
     add_data_arguments(parser)
     add_training_arguments(parser, default_lr=4e-5)
     parser.set_defaults(adam_beta1=0.5, adam_beta2=0.9)  # the RQ-VAE authors' Adam betas (ARCHITECTURE.md 1.6)
@@ -66,6 +74,8 @@ def parse_args(argv=None):
     validate_training_arguments(args)
     if args.pretrained_model_name_or_path is None and args.model_config is None:
         parser.error("pass --model_config (train from scratch) or --pretrained_model_name_or_path (fine-tune)")
+    if args.train_decoder_only and args.pretrained_model_name_or_path is None:
+        parser.error("--train_decoder_only fine-tunes a pretrained tokenizer: pass --pretrained_model_name_or_path")
     return args
 
 
@@ -81,6 +91,10 @@ def main(argv=None):
         data = load_image_data(args)
     if args.pretrained_model_name_or_path:
         model = spec.load_pretrained(args.pretrained_model_name_or_path, args.revision)
+        if args.train_decoder_only and args.model_config:
+            model = with_new_decoder(spec, model, parse_config_argument(args.model_config))
+        elif args.model_config:
+            logger.warning("--model_config is ignored when fine-tuning the whole of a pretrained tokenizer")
     else:
         model = spec.from_config(spec.prepare_config(parse_config_argument(args.model_config), args, data.train),
                                  args.resolution)
@@ -91,7 +105,9 @@ def main(argv=None):
     num_codes = codebook_size(model)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    model.train()
+    trainable = freeze_to_decoder(spec, model) if args.train_decoder_only else list(model.parameters())
+    # Decoder-only: eval mode keeps the codebook (no EMA updates, no restarts) and the routing as they are.
+    model.train(not args.train_decoder_only)
 
     train_dataloader = torch.utils.data.DataLoader(
         data.train, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate, drop_last=True,
@@ -100,7 +116,7 @@ def main(argv=None):
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     betas = (args.adam_beta1, args.adam_beta2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=betas,
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, betas=betas,
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     lr_scheduler = make_scheduler(args, optimizer, max_steps, accelerator.num_processes)
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(model, optimizer, train_dataloader, lr_scheduler)
@@ -146,7 +162,7 @@ def main(argv=None):
                 if finite:
                     accelerator.backward(terms["loss"])
                     if accelerator.sync_gradients and args.max_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                        accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
                     optimizer.step()
                     lr_scheduler.step()
                 optimizer.zero_grad()

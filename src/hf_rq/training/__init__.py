@@ -30,7 +30,7 @@ from .distributed import (
 )
 from .families import (
     TOKENIZERS, FamilyNotAvailableError, WrongModelClassError, check_tokenizer_input, codebook_size, downsample_factor,
-    find_component, parse_config_argument,
+    find_component, freeze_to_decoder, parse_config_argument, with_new_decoder,
 )
 from .hub import make_model_card, push_folder_to_hub
 from .losses import (

@@ -93,6 +93,8 @@ class TokenizerSpec:
     module: str
     class_name: str
     description: str
+    # The modules that run after quantization: what ``train_tokenizer.py --train_decoder_only`` trains.
+    decoder_modules: tuple[str, ...] = ("post_quant_conv", "decoder")
 
     def model_class(self):
         return _import(self.module, self.class_name, f"the {self.description} tokenizer")
@@ -147,7 +149,9 @@ def _init_defaults(cls) -> dict:
 
 TOKENIZERS = {
     "rqvae": TokenizerSpec("rqvae", "hf_rq.rq.tokenizer", "RQVAEModel", "RQ-VAE"),
-    "dqvae": DQTokenizerSpec("dqvae", "hf_rq.dq.tokenizer", "DQVAEModel", "DQ-VAE"),
+    # DQ-VAE adds its learned position embedding to the quantized features, before the decoder.
+    "dqvae": DQTokenizerSpec("dqvae", "hf_rq.dq.tokenizer", "DQVAEModel", "DQ-VAE",
+                             ("post_quant_conv", "position_embedding", "decoder")),
     "llamagen-vq": TokenizerSpec("llamagen-vq", "hf_rq.ctf.tokenizer", "LlamaGenVQModel", "LlamaGen VQ"),
 }
 
@@ -185,6 +189,47 @@ def codebook_size(model) -> int:
         if value is not None:
             return int(value)
     raise ValueError(f"cannot tell the codebook size of {type(model).__name__}")
+
+
+def with_new_decoder(spec: TokenizerSpec, model, overrides: dict):
+    """A copy of ``model`` whose decoder side is rebuilt from ``overrides`` (``decoder_*`` config keys only), with
+    every encoder-side tensor (encoder, codebook, router) copied, so that it encodes to exactly the same codes.
+
+    The decoder-side tensors are copied where name and shape still match, and start fresh elsewhere.
+    """
+    import torch
+
+    cls = type(model)
+    init_keys = _init_arguments(cls)
+    bad = sorted(k for k in overrides if not k.startswith("decoder_") or k not in init_keys)
+    if bad:
+        allowed = sorted(k for k in init_keys if k.startswith("decoder_"))
+        raise ValueError(f"with --train_decoder_only, --model_config may only change the decoder ({allowed or 'no keys'} "
+                         f"for {cls.__name__}); got {bad}")
+    config = {k: v for k, v in model.config.items() if k in init_keys}
+    new = cls(**{**config, **overrides})
+    theirs = model.state_dict()
+    with torch.no_grad():
+        for name, tensor in new.state_dict().items():
+            decoder_side = name.split(".")[0] in spec.decoder_modules
+            if name in theirs and theirs[name].shape == tensor.shape:
+                tensor.copy_(theirs[name])
+            elif not decoder_side:
+                raise ValueError(f"{name} of the encoder side does not match the pretrained {cls.__name__}; "
+                                 "the codes would change")
+    return new
+
+
+def freeze_to_decoder(spec: TokenizerSpec, model) -> list:
+    """Make only the decoder-side parameters trainable; -> those parameters."""
+    trainable = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.split(".")[0] in spec.decoder_modules)
+        if param.requires_grad:
+            trainable.append(param)
+    if not trainable:
+        raise ValueError(f"{type(model).__name__} has no parameters in {spec.decoder_modules}")
+    return trainable
 
 
 def tokenizer_spec_for(model) -> TokenizerSpec:

@@ -7,6 +7,7 @@
 #   FAMILIES="rq" bash training/train_defaults.sh                                       # one of them
 #   FAMILIES="rq-text" bash training/train_defaults.sh    # the text-to-image default (rq-emoji-64-text)
 #   FAMILIES="dq-cfg" bash training/train_defaults.sh     # dq-emoji-64's guidance fine-tune (see TRAINING.md)
+#   FAMILIES="dq-decoder" bash training/train_defaults.sh # then its decoder-only fine-tune (see TRAINING.md)
 #
 # With a GPU the three families train side by side (the models are small, the GPU is mostly idle otherwise);
 # on a CPU they run one after the other. TOKENIZER_STEPS / PRIOR_STEPS scale a run down for a smoke test.
@@ -64,6 +65,16 @@ train_family() {
             --use_ema --ema_decay 0.995 --checkpointing_steps 100 --checkpoints_total_limit 1 \
             --validation_steps "${DQ_CFG_STEPS:-1100}" --num_validation_images 0 --logging_steps 25 \
             --output_dir "$OUT/dq-emoji-64-cfg" ;;
+    dq-decoder)
+        # The shipped dq-emoji-64's DQ-VAE decoder: fine-tuned alone on the frozen codes (the prior is unchanged and
+        # still fits), with the PatchGAN loss from the first step and a fresh discriminator. 2-core CPU, ~95 min.
+        local base=${DQ_PIPELINE:-src/hf_rq/bundled/dq-emoji-64}
+        timed dq-decoder "$PYTHON" training/train_tokenizer.py --model dqvae --pretrained_model_name_or_path "$base" \
+            --train_decoder_only --train_data_dir "$DATA" --resolution 64 --random_flip --seed "$SEED" \
+            --train_batch_size 64 --learning_rate 1e-4 --lr_scheduler constant --max_train_steps "${DQ_DECODER_STEPS:-1600}" \
+            --perceptual_weight 0 --disc_start 0 --use_ema --ema_decay 0.99 --checkpointing_steps 200 \
+            --checkpoints_total_limit 1 --validation_steps "${DQ_DECODER_STEPS:-1600}" --logging_steps 20 \
+            --dataloader_num_workers 0 --output_dir "$OUT/dqvae-emoji-64-decoder" ;;
     ctf)
         timed llamagen-vq "$PYTHON" training/train_tokenizer.py --model llamagen-vq \
             --model_config training/configs/llamagen_vq_emoji64.json \
@@ -85,7 +96,7 @@ train_family() {
             --lr_scheduler cosine --lr_warmup_steps 20 --max_train_steps "${TEXT_PRIOR_STEPS:-500}" \
             --checkpointing_steps 50 --checkpoints_total_limit 1 --validation_steps "${TEXT_PRIOR_STEPS:-500}" \
             --num_validation_images 8 --logging_steps 25 --output_dir "$OUT/rq-emoji-64-text" ;;
-    *) echo "unknown family '$1' (expected rq, dq, ctf, rq-text or dq-cfg)" >&2; return 2 ;;
+    *) echo "unknown family '$1' (expected rq, dq, ctf, rq-text, dq-cfg or dq-decoder)" >&2; return 2 ;;
     esac
 }
 

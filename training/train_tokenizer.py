@@ -33,8 +33,9 @@ from hf_rq.training import (
     add_training_arguments, check_parallelism, check_resolution, check_tokenizer_input, codebook_size,
     codebook_statistics, collate, downsample_factor, enable_gradient_checkpointing, last_decoder_layer,
     freeze_to_decoder, load_image_data, load_lpips, log_image_grid, make_accelerator, make_model_card, make_scheduler,
-    parse_config_argument, with_new_decoder, prepare_resumable_state, push_folder_to_hub, reconstruction_grid_images,
-    reconstruction_metrics, save_checkpoint, training_length, validate_training_arguments, write_rank_report,
+    parse_config_argument, prepare_resumable_state, push_folder_to_hub, reconstruction_grid_images,
+    reconstruction_metrics, save_checkpoint, training_length, validate_training_arguments, with_new_decoder,
+    write_rank_report,
 )
 
 logger = logging.getLogger("train_tokenizer")

@@ -197,7 +197,7 @@ def with_new_decoder(spec: TokenizerSpec, model, overrides: dict):
 
     The decoder-side tensors are copied where name and shape still match, and start fresh elsewhere.
     """
-    import torch
+    from .priors import copy_matching_weights  # priors imports this module
 
     cls = type(model)
     init_keys = _init_arguments(cls)
@@ -208,15 +208,11 @@ def with_new_decoder(spec: TokenizerSpec, model, overrides: dict):
                          f"for {cls.__name__}); got {bad}")
     config = {k: v for k, v in model.config.items() if k in init_keys}
     new = cls(**{**config, **overrides})
-    theirs = model.state_dict()
-    with torch.no_grad():
-        for name, tensor in new.state_dict().items():
-            decoder_side = name.split(".")[0] in spec.decoder_modules
-            if name in theirs and theirs[name].shape == tensor.shape:
-                tensor.copy_(theirs[name])
-            elif not decoder_side:
-                raise ValueError(f"{name} of the encoder side does not match the pretrained {cls.__name__}; "
-                                 "the codes would change")
+    _, fresh = copy_matching_weights(new, model)
+    encoder_side = [name for name in fresh if name.split(".")[0] not in spec.decoder_modules]
+    if encoder_side:
+        raise ValueError(f"{encoder_side[0]} of the encoder side does not match the pretrained {cls.__name__}; "
+                         "the codes would change")
     return new
 
 
